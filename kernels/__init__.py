@@ -1,0 +1,19 @@
+"""Mask R-CNN ops as Triton kernels, with torchvision's signatures.
+
+``import kernels; kernels.roi_align(...)``. CUDA tensors run the Triton kernels, CPU tensors a
+vectorized torch implementation of the same math (or the Triton kernels under
+``TRITON_INTERPRET=1``); ``backend_for(t)`` says which. Every op is registered under
+``torch.ops.mrcnn`` with a fake implementation, so ``torch.compile(fullgraph=True)`` traces through.
+"""
+
+from ._backend import backend_for, use_backend
+from .roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
+
+__all__ = [
+    "backend_for",
+    "use_backend",
+    "roi_align",
+    "RoIAlign",
+    "multiscale_roi_align",
+    "MultiScaleRoIAlign",
+]

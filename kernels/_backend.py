@@ -1,0 +1,92 @@
+"""Which implementation serves a tensor: the Triton kernels or the vectorized torch path.
+
+* CUDA tensors run the Triton kernels.
+* CPU tensors run the torch implementation of the same math, unless the process runs Triton's
+  interpreter (``TRITON_INTERPRET=1`` set before ``kernels`` is imported): then they run the Triton
+  kernels on the CPU, which is how CI tests every kernel.
+* ``use_backend("torch" | "triton")`` forces one for the ops called inside it (tests compare the two
+  paths in one process; benchmarks pin the torch path on CPU).
+
+The interpreter flag is read once, at import, because ``triton.jit`` decides at decoration time
+whether a kernel is compiled or interpreted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_forced: list[str] = []
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"``: the implementation an op would run for tensor ``t``."""
+    if _forced:
+        forced = _forced[-1]
+        if forced == "triton" and not (t.is_cuda or (INTERPRET and t.device.type == "cpu")):
+            raise RuntimeError(
+                f"the Triton backend needs a CUDA tensor or TRITON_INTERPRET=1 for CPU tensors; got {t.device}"
+            )
+        return forced
+    if t.is_cuda:
+        return "triton"
+    return "triton" if INTERPRET and t.device.type == "cpu" else "torch"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``"torch"`` or ``"triton"`` for the ops called inside the ``with`` block."""
+    if name not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton', got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def autotune_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:
+    """The configs to autotune over: all on a GPU, the first alone under the interpreter (one
+    interpreted run of every config would multiply CI time for nothing)."""
+    return list(configs[:1]) if INTERPRET else list(configs)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64 (gradcheck), everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Raise a ``TypeError``/``ValueError`` naming ``name`` unless ``t`` is a tensor of the given rank,
+    dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {device}; put them on the same device")
+    return t

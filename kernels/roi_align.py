@@ -1,0 +1,457 @@
+"""RoIAlign, single- and multi-level, as ``torch.library`` ops with torchvision's public signatures.
+
+* ``roi_align`` / ``RoIAlign``: ``torchvision.ops.roi_align`` plus ``pool_mode="max"`` (the Mask R-CNN
+  paper's and mmcv's max over a bin's bilinear samples) and a bf16 kernel.
+* ``multiscale_roi_align``: all FPN levels pooled in one launch (the level of each RoI is computed in the
+  kernel with torchvision's LevelMapper), RoIs as a fixed-size ``Tensor[K, 5]`` with an optional
+  ``valid`` mask, so that a static-shape model needs no ``nonzero`` or boolean indexing.
+* ``MultiScaleRoIAlign``: torchvision's module (same constructor, forward and results) on top of it.
+
+Kernels and their math: ``_roi_align_kernels``; the CPU torch path: ``_roi_align_torch``.
+
+Registration: ``torch.library.custom_op`` rather than ``triton_op``. One op must serve three
+backends — compiled Triton on CUDA, the torch path on CPU and Triton's interpreter on CPU in CI —
+and ``triton_op`` would let inductor trace into the kernels, which only works for compiled CUDA
+kernels; our kernels are already fused, so inductor has nothing to gain from seeing inside them.
+``custom_op`` gives opaque nodes with fake (meta) implementations, so ``torch.compile(fullgraph=True)``
+sees no graph break around them.
+
+Results for inputs torchvision leaves undefined (documented and tested):
+* a RoI whose batch index is not in ``[0, N)``, whose coordinates are not finite, whose ``valid`` flag
+  is False or (multi-level) whose area is negative gives zeros and receives no gradient;
+* ``pool_mode="max"``: a bin with no samples (only aligned boxes of non-positive size) gives 0;
+* adaptive sampling takes at most 1024 samples per bin side (see ``MAX_ADAPTIVE_SAMPLES``);
+* ``rois`` may have any floating dtype (e.g. float32 boxes with bfloat16 features under autocast):
+  coordinates are read in float32 (float64 for float64 features).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ._backend import FLOAT_DTYPES, backend_for, check_tensor
+from ._roi_align_kernels import MAX_LEVELS, backward_triton, forward_triton
+from ._roi_align_torch import backward_torch, forward_torch
+
+__all__ = ["roi_align", "RoIAlign", "multiscale_roi_align", "MultiScaleRoIAlign"]
+
+_POOL_MODES = ("avg", "max")
+
+
+def _pair(output_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"output_size must be a positive int or a pair of positive ints, got {output_size!r}")
+    return size
+
+
+def _validate(
+    features: list[Tensor],
+    rois: Tensor,
+    valid: Tensor | None,
+    scales: list[float],
+    pooled: tuple[int, int],
+    pool_mode: str,
+) -> None:
+    if not 1 <= len(features) <= MAX_LEVELS:
+        raise ValueError(f"features must hold 1 to {MAX_LEVELS} feature maps, got {len(features)}")
+    f0 = check_tensor("input", features[0], ndim=4, dtypes=FLOAT_DTYPES)
+    for i, f in enumerate(features):
+        name = f"features[{i}]"
+        check_tensor(name, f, ndim=4, dtypes=(f0.dtype,), device=f0.device)
+        if f.shape[:2] != f0.shape[:2]:
+            raise ValueError(f"{name} has batch and channels {tuple(f.shape[:2])}, expected {tuple(f0.shape[:2])}")
+        if f.shape[2] == 0 or f.shape[3] == 0:
+            raise ValueError(f"{name} has an empty spatial size {tuple(f.shape[2:])}")
+    check_tensor("rois", rois, ndim=2, dtypes=FLOAT_DTYPES, device=f0.device)
+    if rois.shape[1] != 5:
+        raise ValueError(f"rois must have shape [K, 5] (batch index, x1, y1, x2, y2), got {tuple(rois.shape)}")
+    if valid is not None:
+        check_tensor("valid", valid, ndim=1, dtypes=(torch.bool,), device=f0.device)
+        if valid.shape[0] != rois.shape[0]:
+            raise ValueError(f"valid must have shape [K] = [{rois.shape[0]}], got {tuple(valid.shape)}")
+    if len(scales) != len(features) or not all(s > 0 for s in scales):
+        raise ValueError(f"scales must hold one positive scale per feature map, got {scales}")
+    if pooled[0] <= 0 or pooled[1] <= 0:
+        raise ValueError(f"output_size must be positive, got {pooled}")
+    if pool_mode not in _POOL_MODES:
+        raise ValueError(f"pool_mode must be 'avg' or 'max', got {pool_mode!r}")
+
+
+def _channels_last(t: Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _forward(features, rois, valid, scales, pooled, sampling_ratio, aligned, pool_mode, canonical):
+    _validate(features, rois, valid, scales, pooled, pool_mode)
+    impl = forward_triton if backend_for(features[0]) == "triton" else forward_torch
+    return impl(features, rois, valid, scales, pooled, sampling_ratio, aligned, pool_mode == "max", canonical)
+
+
+def _fake_forward(features, rois, pooled, pool_mode):
+    K, C = rois.shape[0], features[0].shape[1]
+    out = features[0].new_empty((K, C, *pooled))
+    argmax = rois.new_empty((K, C, *pooled) if pool_mode == "max" else (0,), dtype=torch.int32)
+    return out, argmax
+
+
+def _backward(grad, rois, valid, argmax, level_shapes, batch_size, channels_last, scales, pooled, sampling_ratio,
+              aligned, pool_mode, canonical):  # fmt: skip
+    args = (grad, rois, valid, argmax, level_shapes, batch_size, channels_last, scales, pooled, sampling_ratio,
+            aligned, pool_mode == "max", canonical)  # fmt: skip
+    if backend_for(grad) == "triton":
+        return backward_triton(*args, deterministic=torch.are_deterministic_algorithms_enabled())
+    return backward_torch(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single level: mrcnn::roi_align
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mrcnn::roi_align", mutates_args=())
+def _roi_align_op(
+    input: Tensor,
+    rois: Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+    pool_mode: str,
+) -> tuple[Tensor, Tensor]:
+    """``(output [K, C, PH, PW], argmax [K, C, PH, PW] int32 in max mode, else [0])``."""
+    pooled = (pooled_height, pooled_width)
+    return _forward([input], rois, None, [spatial_scale], pooled, sampling_ratio, aligned, pool_mode, (224.0, 4.0))
+
+
+@_roi_align_op.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode):
+    pooled = (pooled_height, pooled_width)
+    _validate([input], rois, None, [spatial_scale], pooled, pool_mode)
+    return _fake_forward([input], rois, pooled, pool_mode)
+
+
+@torch.library.custom_op("mrcnn::roi_align_backward", mutates_args=())
+def _roi_align_backward_op(
+    grad: Tensor,
+    rois: Tensor,
+    argmax: Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+    pool_mode: str,
+    batch_size: int,
+    height: int,
+    width: int,
+    channels_last: bool,
+) -> Tensor:
+    """Gradient of ``roi_align`` w.r.t. its input: ``[batch_size, C, height, width]``."""
+    return _backward(grad, rois, None, argmax, [(height, width)], batch_size, channels_last, [spatial_scale],
+                     (pooled_height, pooled_width), sampling_ratio, aligned, pool_mode, (224.0, 4.0))[0]  # fmt: skip
+
+
+@_roi_align_backward_op.register_fake
+def _(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode,
+      batch_size, height, width, channels_last):  # fmt: skip
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return grad.new_empty((batch_size, grad.shape[1], height, width)).contiguous(memory_format=fmt)
+
+
+def _roi_align_setup(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode = inputs
+    ctx.save_for_backward(rois, output[1])
+    ctx.args = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode)
+    ctx.shape = (input.shape[0], input.shape[2], input.shape[3], _channels_last(input))
+
+
+def _roi_align_grad(ctx, grad, _grad_argmax):
+    rois, argmax = ctx.saved_tensors
+    grad_input = torch.ops.mrcnn.roi_align_backward(grad, rois, argmax, *ctx.args, *ctx.shape)
+    return grad_input, None, None, None, None, None, None, None
+
+
+_roi_align_op.register_autograd(_roi_align_grad, setup_context=_roi_align_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several levels, one launch: mrcnn::multiscale_roi_align
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mrcnn::multiscale_roi_align", mutates_args=())
+def _multiscale_op(
+    features: list[Tensor],
+    rois: Tensor,
+    valid: Tensor | None,
+    scales: list[float],
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+    pool_mode: str,
+    canonical_scale: float,
+    canonical_level: float,
+) -> tuple[Tensor, Tensor]:
+    """``(output [K, C, PH, PW], argmax)``, each RoI pooled from its level (see ``multiscale_roi_align``)."""
+    return _forward(features, rois, valid, scales, (pooled_height, pooled_width), sampling_ratio, aligned,
+                    pool_mode, (canonical_scale, canonical_level))  # fmt: skip
+
+
+@_multiscale_op.register_fake
+def _(features, rois, valid, scales, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode,
+      canonical_scale, canonical_level):  # fmt: skip
+    pooled = (pooled_height, pooled_width)
+    _validate(features, rois, valid, scales, pooled, pool_mode)
+    return _fake_forward(features, rois, pooled, pool_mode)
+
+
+@torch.library.custom_op("mrcnn::multiscale_roi_align_backward", mutates_args=())
+def _multiscale_backward_op(
+    grad: Tensor,
+    rois: Tensor,
+    valid: Tensor | None,
+    argmax: Tensor,
+    scales: list[float],
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+    pool_mode: str,
+    canonical_scale: float,
+    canonical_level: float,
+    batch_size: int,
+    level_sizes: list[int],
+    channels_last: bool,
+) -> list[Tensor]:
+    """Gradients w.r.t. every level ``[batch_size, C, H_l, W_l]``; ``level_sizes`` is ``[H_0, W_0, H_1, ...]``."""
+    shapes = list(zip(level_sizes[0::2], level_sizes[1::2], strict=True))
+    return _backward(grad, rois, valid, argmax, shapes, batch_size, channels_last, scales,
+                     (pooled_height, pooled_width), sampling_ratio, aligned, pool_mode,
+                     (canonical_scale, canonical_level))  # fmt: skip
+
+
+@_multiscale_backward_op.register_fake
+def _(grad, rois, valid, argmax, scales, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode,
+      canonical_scale, canonical_level, batch_size, level_sizes, channels_last):  # fmt: skip
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    C = grad.shape[1]
+    return [
+        grad.new_empty((batch_size, C, h, w)).contiguous(memory_format=fmt)
+        for h, w in zip(level_sizes[0::2], level_sizes[1::2], strict=True)
+    ]
+
+
+def _multiscale_setup(ctx, inputs, output):
+    features, rois, valid, *args = inputs
+    ctx.save_for_backward(rois, valid, output[1])
+    ctx.args = args
+    ctx.num_inputs = len(inputs)
+    ctx.shape = (
+        features[0].shape[0],
+        [s for f in features for s in f.shape[2:]],
+        _channels_last(features[0]),
+    )
+
+
+def _multiscale_grad(ctx, grad, _grad_argmax):
+    rois, valid, argmax = ctx.saved_tensors
+    grads = torch.ops.mrcnn.multiscale_roi_align_backward(grad, rois, valid, argmax, *ctx.args, *ctx.shape)
+    return (grads, *[None] * (ctx.num_inputs - 1))
+
+
+_multiscale_op.register_autograd(_multiscale_grad, setup_context=_multiscale_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _boxes_to_rois(boxes: Tensor | list[Tensor], like: Tensor) -> Tensor:
+    """``Tensor[K, 5]`` from torchvision's two box forms (``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]``)."""
+    if isinstance(boxes, Tensor):
+        return boxes
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+    for i, b in enumerate(boxes):
+        check_tensor(f"boxes[{i}]", b, ndim=2, dtypes=FLOAT_DTYPES, device=like.device)
+        if b.shape[1] != 4:
+            raise ValueError(f"boxes[{i}] must have shape [L, 4], got {tuple(b.shape)}")
+    if not boxes:
+        return like.new_zeros((0, 5))
+    rows = [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
+    return torch.cat(rows, dim=0)
+
+
+def roi_align(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    *,
+    pool_mode: str = "avg",
+) -> Tensor:
+    """RoIAlign (Mask R-CNN), ``torchvision.ops.roi_align`` plus ``pool_mode``.
+
+    Args:
+        input: ``Tensor[N, C, H, W]`` float16, bfloat16, float32 or float64, any strides (NCHW,
+            channels-last, permuted).
+        boxes: ``Tensor[K, 5]`` rows ``(batch index, x1, y1, x2, y2)``, or ``list[Tensor[L_i, 4]]``, one per
+            image, in input coordinates before ``spatial_scale``.
+        output_size: ``(PH, PW)`` or an int for both.
+        spatial_scale: factor from box coordinates to the feature map (e.g. 1/16).
+        sampling_ratio: samples per bin side; ``<= 0`` takes ``ceil(bin size)`` (adaptive).
+        aligned: shift box coordinates by -0.5 pixel (the corrected RoIAlign of detectron2).
+        pool_mode: ``"avg"`` (torchvision) or ``"max"`` (the max over a bin's bilinear samples).
+
+    Returns:
+        ``Tensor[K, C, PH, PW]`` in ``input``'s dtype.
+    """
+    rois = _boxes_to_rois(boxes, input)
+    PH, PW = _pair(output_size)
+    return torch.ops.mrcnn.roi_align(
+        input, rois, float(spatial_scale), PH, PW, int(sampling_ratio), bool(aligned), pool_mode
+    )[0]
+
+
+class RoIAlign(nn.Module):
+    """``torchvision.ops.RoIAlign`` on our kernels; see ``roi_align``."""
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        spatial_scale: float,
+        sampling_ratio: int,
+        aligned: bool = False,
+        *,
+        pool_mode: str = "avg",
+    ) -> None:
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.pool_mode = pool_mode
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_align(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+            pool_mode=self.pool_mode,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, pool_mode={self.pool_mode!r}"
+        )
+
+
+def multiscale_roi_align(
+    features: list[Tensor],
+    rois: Tensor,
+    output_size: int | tuple[int, int],
+    scales: list[float],
+    sampling_ratio: int = 2,
+    *,
+    valid: Tensor | None = None,
+    aligned: bool = False,
+    pool_mode: str = "avg",
+    canonical_scale: float = 224,
+    canonical_level: float = 4,
+) -> Tensor:
+    """Pool every RoI from its FPN level, all levels in one launch.
+
+    The level of a RoI is torchvision's ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)``
+    clamped to ``[k_min, k_max]`` with ``k = -log2(scale)`` of the first and last level; the RoI is then
+    pooled as ``roi_align`` does on that level with that level's scale. With one level, no mapping.
+
+    Args:
+        features: up to 5 ``Tensor[N, C, H_l, W_l]``, finest first, same dtype and device.
+        rois: ``Tensor[K, 5]`` rows ``(batch index, x1, y1, x2, y2)`` in image coordinates.
+        output_size: ``(PH, PW)`` or an int for both.
+        scales: ``scales[l]`` maps image to level-``l`` coordinates (powers of two, e.g. 1/4 ... 1/32).
+        sampling_ratio: as in ``roi_align`` (torchvision's poolers use 2).
+        valid: optional ``Tensor[K]`` bool; a False RoI (a padded slot) gives zeros and no gradient.
+        aligned, pool_mode: as in ``roi_align``.
+        canonical_scale, canonical_level: the LevelMapper's ``s0`` and ``k0``.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]``; the shape never depends on the data.
+    """
+    if not isinstance(features, (list, tuple)):
+        raise TypeError(f"features must be a list of Tensor[N, C, H, W], got {type(features).__name__}")
+    PH, PW = _pair(output_size)
+    return torch.ops.mrcnn.multiscale_roi_align(
+        list(features), rois, valid, [float(s) for s in scales], PH, PW, int(sampling_ratio), bool(aligned),
+        pool_mode, float(canonical_scale), float(canonical_level),
+    )[0]  # fmt: skip
+
+
+def infer_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
+    """torchvision's scale inference: ``2 ** round(log2(feature height / largest image height))``."""
+    if not image_shapes:
+        raise ValueError("image_shapes should not be empty")
+    max_h = max(s[0] for s in image_shapes)
+    # round() is half-to-even like torch.round, which torchvision uses.
+    return [2.0 ** round(math.log2(float(f.shape[-2]) / float(max_h))) for f in features]
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """``torchvision.ops.MultiScaleRoIAlign`` on one multi-level launch; same constructor, forward and results.
+
+    ``aligned`` and ``pool_mode`` are ours (torchvision pools with ``aligned=False``, average).
+    """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: int | tuple[int, int] | list[int],
+        sampling_ratio: int,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+        aligned: bool = False,
+        pool_mode: str = "avg",
+    ) -> None:
+        super().__init__()
+        self.featmap_names = featmap_names
+        self.output_size = _pair(output_size)
+        self.sampling_ratio = sampling_ratio
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.aligned = aligned
+        self.pool_mode = pool_mode
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """
+        Args:
+            x: feature maps by name; those in ``featmap_names`` are used, in ``x``'s order.
+            boxes: ``list[Tensor[L_i, 4]]`` per image, in image coordinates.
+            image_shapes: ``(h, w)`` of each image before padding, to infer the scales.
+
+        Returns:
+            ``Tensor[sum L_i, C, PH, PW]``.
+        """
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if not features:
+            raise ValueError(f"none of featmap_names {self.featmap_names} is in x (keys {list(x)})")
+        rois = _boxes_to_rois(boxes, features[0])
+        return multiscale_roi_align(
+            features, rois, self.output_size, infer_scales(features, image_shapes), self.sampling_ratio,
+            aligned=self.aligned, pool_mode=self.pool_mode, canonical_scale=self.canonical_scale,
+            canonical_level=self.canonical_level,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, pool_mode={self.pool_mode!r}"
+        )
