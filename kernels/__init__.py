@@ -7,6 +7,10 @@ vectorized torch implementation of the same math (or the Triton kernels under
 """
 
 from ._backend import backend_for, use_backend
+from .box_coder import BoxCoder, decode_boxes, encode_boxes
+from .mask_loss import mask_loss, maskrcnn_loss
+from .nms import batched_nms, nms, nms_fixed
+from .paste_masks import paste_masks_in_image
 from .roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
 
 __all__ = [
@@ -16,4 +20,13 @@ __all__ = [
     "RoIAlign",
     "multiscale_roi_align",
     "MultiScaleRoIAlign",
+    "BoxCoder",
+    "decode_boxes",
+    "encode_boxes",
+    "nms",
+    "batched_nms",
+    "nms_fixed",
+    "mask_loss",
+    "maskrcnn_loss",
+    "paste_masks_in_image",
 ]

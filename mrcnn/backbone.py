@@ -1,0 +1,26 @@
+"""Backbone: torchvision's ResNet + FeaturePyramidNetwork, reused as is (same modules, same names)."""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.ops import misc as misc_nn_ops
+
+from .config import MaskRCNNConfig
+
+
+def build_backbone(config: MaskRCNNConfig) -> BackboneWithFPN:
+    """ResNet-FPN exactly as ``maskrcnn_resnet50_fpn`` (v1) / ``_v2`` builds it, for any ResNet depth.
+
+    Returns a module whose forward maps ``Tensor[B, 3, H, W]`` to ``{"0": P2, "1": P3, "2": P4, "3": P5,
+    "pool": P6}``, 256 channels each, strides 4 to 64.
+    """
+    if not hasattr(resnet, config.backbone) or not config.backbone.startswith(("resnet", "resnext", "wide_resnet")):
+        raise ValueError(f"backbone must name a torchvision ResNet (e.g. 'resnet50'), got {config.backbone!r}")
+    if config.head not in ("v1", "v2"):
+        raise ValueError(f"head must be 'v1' or 'v2', got {config.head!r}")
+    norm_layer = misc_nn_ops.FrozenBatchNorm2d if config.frozen_batchnorm else nn.BatchNorm2d
+    body = getattr(resnet, config.backbone)(weights=None, norm_layer=norm_layer)
+    fpn_norm = nn.BatchNorm2d if config.head == "v2" else None
+    return _resnet_fpn_extractor(body, config.trainable_backbone_layers, norm_layer=fpn_norm)
