@@ -84,10 +84,10 @@ class RoIHeads(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("targets must be given in training mode")
-            return self._losses(features, scales, proposals, proposal_valid, targets)
+            return self._losses(features, scales, proposals, proposal_valid, image_sizes, targets)
         return self._detect(features, scales, proposals, proposal_valid, image_sizes)
 
-    def _losses(self, features, scales, proposals, proposal_valid, targets: Targets) -> dict[str, Tensor]:
+    def _losses(self, features, scales, proposals, proposal_valid, image_sizes, targets: Targets) -> dict[str, Tensor]:
         c = self.config
         B = proposals.shape[0]
         boxes = torch.cat([proposals, targets.boxes.to(proposals.dtype)], 1)
@@ -109,7 +109,9 @@ class RoIHeads(nn.Module):
         reg = reg.gather(1, slot_labels.reshape(-1, 1, 1).expand(-1, 1, 4))[:, 0]
         gt_boxes = _gather(targets.boxes, slot_matched)
         reg_targets = kernels.encode_boxes(gt_boxes.reshape(-1, 4), rois.reshape(-1, 4), c.bbox_reg_weights)
-        l1 = F.smooth_l1_loss(reg, reg_targets.to(reg.dtype), beta=1 / 9, reduction="none").sum(-1)
+        # Non-positive slots may match a padded GT box (all zeros, infinite targets): zero them first.
+        reg_targets = torch.where(positive.reshape(-1, 1), reg_targets.to(reg.dtype), 0.0)
+        l1 = F.smooth_l1_loss(reg, reg_targets, beta=1 / 9, reduction="none").sum(-1)
         loss_box_reg = (l1 * positive.reshape(-1)).sum() / count
 
         # Positives fill the first slots, so the mask branch runs on a fixed prefix of them.
@@ -119,7 +121,7 @@ class RoIHeads(nn.Module):
         loss_mask = kernels.mask_loss(
             mask_logits, rois[:, :P].reshape(-1, 4), targets.masks, image_index.reshape(-1),
             slot_matched[:, :P].reshape(-1), slot_labels[:, :P].reshape(-1), positive[:, :P].reshape(-1).float(),
-            binarize=c.binarize_mask_targets,
+            binarize=c.binarize_mask_targets, mask_sizes=image_sizes,
         )  # fmt: skip
         return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
 

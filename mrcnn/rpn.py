@@ -113,6 +113,8 @@ class RegionProposalNetwork(nn.Module):
         gt = targets.boxes.gather(1, matched.gather(1, idx)[..., None].expand(-1, -1, 4))
         reg_targets = kernels.encode_boxes(gt.reshape(-1, 4), anchors[idx].reshape(-1, 4), (1.0, 1.0, 1.0, 1.0))
         pred = offsets.gather(1, idx[..., None].expand(-1, -1, 4)).reshape(-1, 4)
-        l1 = F.smooth_l1_loss(pred, reg_targets.to(pred.dtype), beta=1 / 9, reduction="none").sum(-1)
+        # Negative slots may match a padded GT box (all zeros, infinite targets): zero them first.
+        reg_targets = torch.where(slot_pos.reshape(-1, 1), reg_targets.to(pred.dtype), 0.0)
+        l1 = F.smooth_l1_loss(pred, reg_targets, beta=1 / 9, reduction="none").sum(-1)
         loss_box = (l1 * slot_pos.reshape(-1)).sum() / count
         return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
