@@ -112,7 +112,9 @@ def _level_of(x1, y1, x2, y2, canonical_scale, canonical_level, k_min, k_max, NU
     as an index from 0. A negative area has no level (torchvision's NaN level matches none)."""
     area = (x2 - x1) * (y2 - y1)
     ok = area >= 0
-    lvl = tl.floor(canonical_level + tl.log2(tl.sqrt(tl.where(ok, area, 0.0)) / canonical_scale) + 1e-6)
+    # A zero area maps to the lowest level, as log2(0) = -inf does in torchvision (without the warning).
+    s = tl.maximum(tl.sqrt(tl.where(ok, area, 0.0)), 1e-30)
+    lvl = tl.floor(canonical_level + tl.log2(s / canonical_scale) + 1e-6)
     lvl = tl.minimum(tl.maximum(lvl, k_min), k_max) - k_min
     return lvl.to(tl.int32), ok & (lvl < NUM_LEVELS)
 
