@@ -85,7 +85,9 @@ def _pick(lvl, v0, v1, v2, v3, v4, NUM_LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _load_roi(rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, k, N, HAS_VALID: tl.constexpr, ACC: tl.constexpr):
+def _load_roi(
+    rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, valid_stride, k, N, HAS_VALID: tl.constexpr, ACC: tl.constexpr
+):
     """Row ``k`` of ``rois [K, 5]`` in the accumulation dtype, and whether it is usable.
 
     A RoI is usable when its batch index lies in ``[0, N)``, its coordinates are finite and its
@@ -101,7 +103,7 @@ def _load_roi(rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, k, N, HAS_VALID
     # x - x == 0 is False for NaN and for +-inf.
     ok = (b >= 0) & (b < N) & (x1 - x1 == 0) & (y1 - y1 == 0) & (x2 - x2 == 0) & (y2 - y2 == 0)
     if HAS_VALID:
-        ok = ok & (tl.load(valid_ptr + k) != 0)
+        ok = ok & (tl.load(valid_ptr + k * valid_stride) != 0)
     n = tl.where(ok, b, 0.0).to(tl.int64)
     return n, tl.where(ok, x1, 0.0), tl.where(ok, y1, 0.0), tl.where(ok, x2, 0.0), tl.where(ok, y2, 0.0), ok
 
@@ -204,7 +206,7 @@ def _sample_weights(y, x, H, W):
 
 
 @triton.jit
-def _roi_prologue(rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, k, N,
+def _roi_prologue(rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, valid_stride, k, N,
                   H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
                   scale_hi0, scale_hi1, scale_hi2, scale_hi3, scale_hi4,
                   scale_lo0, scale_lo1, scale_lo2, scale_lo3, scale_lo4,
@@ -212,7 +214,9 @@ def _roi_prologue(rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, k, N,
                   PH: tl.constexpr, PW: tl.constexpr, NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr,
                   HAS_VALID: tl.constexpr, ACC: tl.constexpr):
     """Everything a program needs to know about RoI ``k``: image, level, map size, geometry."""
-    n, x1, y1, x2, y2, ok = _load_roi(rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, k, N, HAS_VALID, ACC)
+    n, x1, y1, x2, y2, ok = _load_roi(
+        rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, valid_stride, k, N, HAS_VALID, ACC
+    )
     lvl = tl.full((), 0, tl.int32)
     if NUM_LEVELS > 1:
         lvl, lvl_ok = _level_of(x1, y1, x2, y2, canonical_scale, canonical_level, k_min, k_max, NUM_LEVELS)
@@ -242,7 +246,7 @@ def _roi_align_fwd_kernel(
     K, N, C,
     H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
     # strides
-    roi_stride_k, roi_stride_col,
+    roi_stride_k, roi_stride_col, valid_stride,
     sn0, sn1, sn2, sn3, sn4, sc0, sc1, sc2, sc3, sc4, sh0, sh1, sh2, sh3, sh4, sw0, sw1, sw2, sw3, sw4,
     # parameters
     scale_hi0, scale_hi1, scale_hi2, scale_hi3, scale_hi4, scale_lo0, scale_lo1, scale_lo2, scale_lo3, scale_lo4,
@@ -264,7 +268,7 @@ def _roi_align_fwd_kernel(
     k = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1)
     n, lvl, ok, H, W, start_x, start_y, bin_w, bin_h, grid_w, grid_h = _roi_prologue(
-        rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, k, N, H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
+        rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, valid_stride, k, N, H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
         scale_hi0, scale_hi1, scale_hi2, scale_hi3, scale_hi4, scale_lo0, scale_lo1, scale_lo2, scale_lo3, scale_lo4,
         sampling_ratio, canonical_scale, canonical_level, k_min, k_max, PH, PW, NUM_LEVELS, ALIGNED, HAS_VALID, ACC,
     )
@@ -330,7 +334,7 @@ def _roi_align_bwd_kernel(
     K, N, C,
     H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
     # strides
-    grad_stride_k, grad_stride_c, grad_stride_h, grad_stride_w, roi_stride_k, roi_stride_col,
+    grad_stride_k, grad_stride_c, grad_stride_h, grad_stride_w, roi_stride_k, roi_stride_col, valid_stride,
     sn0, sn1, sn2, sn3, sn4, sc0, sc1, sc2, sc3, sc4, sh0, sh1, sh2, sh3, sh4, sw0, sw1, sw2, sw3, sw4,
     # parameters
     scale_hi0, scale_hi1, scale_hi2, scale_hi3, scale_hi4, scale_lo0, scale_lo1, scale_lo2, scale_lo3, scale_lo4,
@@ -351,7 +355,7 @@ def _roi_align_bwd_kernel(
     k = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1)
     n, lvl, ok, H, W, start_x, start_y, bin_w, bin_h, grid_w, grid_h = _roi_prologue(
-        rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, k, N, H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
+        rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, valid_stride, k, N, H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
         scale_hi0, scale_hi1, scale_hi2, scale_hi3, scale_hi4, scale_lo0, scale_lo1, scale_lo2, scale_lo3, scale_lo4,
         sampling_ratio, canonical_scale, canonical_level, k_min, k_max, PH, PW, NUM_LEVELS, ALIGNED, HAS_VALID, ACC,
     )
@@ -424,7 +428,7 @@ def _roi_align_bwd_tiles_kernel(
     K, N, C,
     H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
     # strides
-    grad_stride_k, grad_stride_c, grad_stride_h, grad_stride_w, roi_stride_k, roi_stride_col,
+    grad_stride_k, grad_stride_c, grad_stride_h, grad_stride_w, roi_stride_k, roi_stride_col, valid_stride,
     sn0, sn1, sn2, sn3, sn4, sc0, sc1, sc2, sc3, sc4, sh0, sh1, sh2, sh3, sh4, sw0, sw1, sw2, sw3, sw4,
     # parameters
     scale_hi0, scale_hi1, scale_hi2, scale_hi3, scale_hi4, scale_lo0, scale_lo1, scale_lo2, scale_lo3, scale_lo4,
@@ -473,7 +477,8 @@ def _roi_align_bwd_tiles_kernel(
     acc = tl.zeros((TILE_H, TILE_W, BLOCK_C), ACC)
     for k in range(0, K):
         n, roi_lvl, ok, _, _, start_x, start_y, bin_w, bin_h, grid_w, grid_h = _roi_prologue(
-            rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, k, N, H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
+            rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, valid_stride, k, N,
+            H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,
             scale_hi0, scale_hi1, scale_hi2, scale_hi3, scale_hi4, scale_lo0, scale_lo1, scale_lo2, scale_lo3,
             scale_lo4, sampling_ratio, canonical_scale, canonical_level, k_min, k_max, PH, PW, NUM_LEVELS, ALIGNED,
             HAS_VALID, ACC,
@@ -589,8 +594,8 @@ def forward_triton(
     grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))
     _roi_align_fwd_kernel[grid](
         out, argmax, rois, valid if valid is not None else rois, *ptrs,
-        K, N, C, *sizes, rois.stride(0), rois.stride(1), *strides, *scale_args,
-        sampling_ratio, float(canonical[0]), float(canonical[1]), float(k_min), float(k_max),
+        K, N, C, *sizes, rois.stride(0), rois.stride(1), valid.stride(0) if valid is not None else 0,
+        *strides, *scale_args, sampling_ratio, float(canonical[0]), float(canonical[1]), float(k_min), float(k_max),
         PH=PH, PW=PW, BLOCK_P=triton.next_power_of_2(PH * PW), NUM_LEVELS=len(features), ALIGNED=aligned,
         MAX_MODE=max_mode, HAS_VALID=valid is not None, ACC=tl_acc_dtype(f.dtype),
     )  # fmt: skip
@@ -632,7 +637,8 @@ def backward_triton(
     k_min, k_max = level_range(scales)
     args = (
         *_padded(grads, grads[0]), grad, argmax, rois, valid if valid is not None else rois,
-        K, N, C, *sizes, *grad.stride(), rois.stride(0), rois.stride(1), *strides, *scale_args,
+        K, N, C, *sizes, *grad.stride(), rois.stride(0), rois.stride(1),
+        valid.stride(0) if valid is not None else 0, *strides, *scale_args,
         sampling_ratio, float(canonical[0]), float(canonical[1]), float(k_min), float(k_max),
     )  # fmt: skip
     meta = dict(

@@ -43,9 +43,9 @@ def _plan(
     sampling_ratio: int,
     aligned: bool,
     canonical: tuple[float, float],
+    acc: torch.dtype,
 ) -> _Plan:
-    acc = acc_dtype(rois.dtype)
-    r = rois.to(acc)
+    r = rois.to(acc)  # coordinates in the features' accumulation dtype, whatever the rois' dtype
     b, x1, y1, x2, y2 = r.unbind(1)
     ok = torch.isfinite(r).all(1) & (b >= 0) & (b < batch_size)
     if valid is not None:
@@ -130,7 +130,7 @@ def forward_torch(
     out = torch.zeros((K, PH, PW, C), dtype=acc)
     argmax = torch.full((K, PH, PW, C), -1, dtype=torch.int32)
     if K and C:
-        plan = _plan(rois, valid, N, scales, pooled, sampling_ratio, aligned, canonical)
+        plan = _plan(rois, valid, N, scales, pooled, sampling_ratio, aligned, canonical, acc)
         for lvl, feat in enumerate(features):
             fhwc = feat.permute(0, 2, 3, 1)
             H, W = feat.shape[2:]
@@ -189,7 +189,7 @@ def backward_torch(
     acc = acc_dtype(grad.dtype)
     grads = [torch.zeros((N, h, w, C), dtype=acc) for h, w in level_shapes]
     if K and C and N:
-        plan = _plan(rois, valid, N, scales, pooled, sampling_ratio, aligned, canonical)
+        plan = _plan(rois, valid, N, scales, pooled, sampling_ratio, aligned, canonical, acc)
         g_all = grad.permute(0, 2, 3, 1).to(acc)  # [K, PH, PW, C]
         for lvl, (H, W) in enumerate(level_shapes):
             idx = torch.nonzero(plan.ok & (plan.level == lvl)).flatten()
