@@ -212,18 +212,23 @@ class CocoDataset(Dataset):
                     f"{missing[0]} at {self._path(missing[0])}"
                 )
 
-    def _training_annotations(self, image_id: int) -> tuple[list[dict[str, Any]], np.ndarray]:
-        """The image's annotations that make training targets, and their xyxy boxes (float32 [n, 4]):
-        crowds left out, boxes clamped to the image, those of zero or negative size dropped."""
+    def _training_annotations(self, image_id: int) -> tuple[list[dict[str, Any]], list[list[float]]]:
+        """The image's annotations that make training targets, and their xyxy boxes: crowds left out,
+        boxes clamped to the image, those with ``x2 <= x1`` or ``y2 <= y1`` dropped. Plain Python:
+        ``skip_empty`` runs it over every image of the file at construction."""
         info = self.coco.imgs[image_id]
-        anns = [a for a in self.coco.imgToAnns[image_id] if not a["iscrowd"]]
-        # numpy for the small per-item arrays: tiny torch ops pay for intra-op threads.
-        boxes = np.asarray([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, info["width"])
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, info["height"])
-        keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
-        return [a for a, k in zip(anns, keep, strict=True) if k], boxes[keep]
+        w, h = info["width"], info["height"]
+        kept, boxes = [], []
+        for ann in self.coco.imgToAnns[image_id]:
+            if ann["iscrowd"]:
+                continue
+            x, y, bw, bh = ann["bbox"]
+            x1, y1 = min(max(x, 0), w), min(max(y, 0), h)
+            x2, y2 = min(max(x + bw, 0), w), min(max(y + bh, 0), h)
+            if x2 > x1 and y2 > y1:
+                kept.append(ann)
+                boxes.append([x1, y1, x2, y2])
+        return kept, boxes
 
     def _path(self, image_id: int) -> str:
         return os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"])
@@ -250,7 +255,7 @@ class CocoDataset(Dataset):
         else:
             masks = np.zeros((0, h, w), dtype=np.uint8)
         target = {
-            "boxes": torch.from_numpy(boxes),
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
             "masks": torch.from_numpy(masks),
             "image_id": image_id,
