@@ -64,7 +64,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._backend import FLOAT_DTYPES, acc_dtype, backend_for, check_tensor
-from .box_coder import _ieee_div, _round_to
+from ._triton_utils import ieee_div, round_to
 
 __all__ = ["nms", "batched_nms", "nms_fixed"]
 
@@ -131,12 +131,12 @@ def _nms_mask_kernel(
         # in the boxes' dtype (exact min/max, then a subtraction rounded to that dtype), products in
         # ACC, and the area is (float(x2) - x1) * float(y2 - y1), whose y side is rounded to the boxes'
         # dtype. All roundings are no-ops for float32/float64.
-        iw = _round_to(tl.minimum(ax2[:, None], cx2[None, :]) - tl.maximum(ax1[:, None], cx1[None, :]), BOX)
-        ih = _round_to(tl.minimum(ay2[:, None], cy2[None, :]) - tl.maximum(ay1[:, None], cy1[None, :]), BOX)
+        iw = round_to(tl.minimum(ax2[:, None], cx2[None, :]) - tl.maximum(ax1[:, None], cx1[None, :]), BOX)
+        ih = round_to(tl.minimum(ay2[:, None], cy2[None, :]) - tl.maximum(ay1[:, None], cy1[None, :]), BOX)
         inter = tl.maximum(iw, 0.0) * tl.maximum(ih, 0.0)
-        area_a = (ax2 - ax1) * _round_to(ay2 - ay1, BOX)
-        area_c = (cx2 - cx1) * _round_to(cy2 - cy1, BOX)
-        iou = _ieee_div(inter, area_a[:, None] + area_c[None, :] - inter)
+        area_a = (ax2 - ax1) * round_to(ay2 - ay1, BOX)
+        area_c = (cx2 - cx1) * round_to(cy2 - cy1, BOX)
+        iou = ieee_div(inter, area_a[:, None] + area_c[None, :] - inter)
         bits = (iou > tl.full((), iou_threshold, ACC)) & (cols[None, :] > rows[:, None]) & col_ok[None, :]
         if HAS_IDXS:
             idxs_row = idxs_ptr + b * idxs_stride_b

@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from ._backend import FLOAT_DTYPES, acc_dtype, backend_for, check_tensor, tl_acc_dtype
+from ._triton_utils import round_to
 
 # Box coordinates are clamped to this before the float -> int64 conversion, which is undefined
 # out of range; box sizes (``X2 - X1 + 1``) then still fit in int64.
@@ -78,19 +79,6 @@ _NUM_WARPS = 8
 
 
 @triton.jit
-def _round_to(x, BOX_DTYPE: tl.constexpr, BOX_ACC: tl.constexpr):
-    """Round to the boxes' dtype and back: torch stores every intermediate of expand_boxes in it."""
-    if tl.bfloat16 == BOX_DTYPE:
-        # Round to nearest even on the bits, as c10::BFloat16 does: the interpreter's float32 ->
-        # bfloat16 cast truncates, and its "rtne" mode rounds ties up.
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return x.to(BOX_DTYPE).to(BOX_ACC)
-
-
-@triton.jit
 def _expanded_box(boxes_ptr, boxes_stride_d, boxes_stride_c, d, mask_w, padding,
                   BOX_DTYPE: tl.constexpr, BOX_ACC: tl.constexpr):
     """The integer box ``(X1, Y1, X2, Y2)`` of mask ``d`` after expand_boxes, and whether it is finite."""
@@ -101,16 +89,17 @@ def _expanded_box(boxes_ptr, boxes_stride_d, boxes_stride_c, d, mask_w, padding,
     y2 = tl.load(row + 3 * boxes_stride_c).to(BOX_ACC)
     # Python's float(M + 2p) / M, then torch's conversion of the scalar to the op's math dtype.
     scale = ((mask_w + 2 * padding).to(tl.float64) / mask_w.to(tl.float64)).to(BOX_ACC)
-    w_half = _round_to(_round_to(x2 - x1, BOX_DTYPE, BOX_ACC) * 0.5, BOX_DTYPE, BOX_ACC)
-    h_half = _round_to(_round_to(y2 - y1, BOX_DTYPE, BOX_ACC) * 0.5, BOX_DTYPE, BOX_ACC)
-    w_half = _round_to(w_half * scale, BOX_DTYPE, BOX_ACC)
-    h_half = _round_to(h_half * scale, BOX_DTYPE, BOX_ACC)
-    x_c = _round_to(_round_to(x2 + x1, BOX_DTYPE, BOX_ACC) * 0.5, BOX_DTYPE, BOX_ACC)
-    y_c = _round_to(_round_to(y2 + y1, BOX_DTYPE, BOX_ACC) * 0.5, BOX_DTYPE, BOX_ACC)
-    ex1 = _round_to(x_c - w_half, BOX_DTYPE, BOX_ACC)
-    ey1 = _round_to(y_c - h_half, BOX_DTYPE, BOX_ACC)
-    ex2 = _round_to(x_c + w_half, BOX_DTYPE, BOX_ACC)
-    ey2 = _round_to(y_c + h_half, BOX_DTYPE, BOX_ACC)
+    # torch stores every intermediate of expand_boxes in the boxes' dtype: each is rounded to it.
+    w_half = round_to(round_to(x2 - x1, BOX_DTYPE) * 0.5, BOX_DTYPE)
+    h_half = round_to(round_to(y2 - y1, BOX_DTYPE) * 0.5, BOX_DTYPE)
+    w_half = round_to(w_half * scale, BOX_DTYPE)
+    h_half = round_to(h_half * scale, BOX_DTYPE)
+    x_c = round_to(round_to(x2 + x1, BOX_DTYPE) * 0.5, BOX_DTYPE)
+    y_c = round_to(round_to(y2 + y1, BOX_DTYPE) * 0.5, BOX_DTYPE)
+    ex1 = round_to(x_c - w_half, BOX_DTYPE)
+    ey1 = round_to(y_c - h_half, BOX_DTYPE)
+    ex2 = round_to(x_c + w_half, BOX_DTYPE)
+    ey2 = round_to(y_c + h_half, BOX_DTYPE)
     # x - x == 0 is False for NaN and +-inf.
     ok = (ex1 - ex1 == 0) & (ey1 - ey1 == 0) & (ex2 - ex2 == 0) & (ey2 - ey2 == 0)
     ex1 = tl.where(ok, tl.minimum(tl.maximum(ex1, -_TL_COORD_LIMIT), _TL_COORD_LIMIT), 0.0)

@@ -1,0 +1,51 @@
+"""Small ``@triton.jit`` helpers shared by several op modules: torch's roundings, reproduced in Triton.
+
+The kernels compute in float32 (float64 for float64) and must round like torch where torch rounds:
+once to the output dtype, and at the intermediate steps where torch computes in the inputs' dtype.
+Two things get in the way: Triton's float32 ``/`` is not correctly rounded on GPUs, and its
+interpreter (CPU tests) converts float32 -> bfloat16 by truncation instead of rounding.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["cast_rn", "ieee_div", "round_to"]
+
+
+@triton.jit
+def ieee_div(x, y):
+    """``x / y`` rounded to nearest. Triton's ``/`` is ``div.full.f32`` (2 ulp) for float32."""
+    if x.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.math.div_rn(x, y)
+
+
+@triton.jit
+def cast_rn(x, DTYPE: tl.constexpr):
+    """``x`` converted to ``DTYPE`` with round-to-nearest-even, as ``Tensor.to`` (float64 -> bfloat16 goes
+    through float32, as in c10).
+
+    Triton's interpreter truncates float32 -> bfloat16 (GPUs round) and its "rtne" mode rounds ties
+    up, so bfloat16 is rounded on the bits, as c10::BFloat16 does, keeping NaN a NaN (on the bits some NaN
+    payloads would round to inf or wrap around to 0); and the interpreter computes bfloat16 arithmetic and
+    casts other than to/from float32 on the raw bits, so a bfloat16 input goes through float32 first, and
+    kernels never compute in bfloat16.
+    """
+    if tl.bfloat16 == DTYPE:
+        x = x.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), float("nan"))
+    elif x.dtype == tl.bfloat16:
+        x = x.to(tl.float32)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """``x`` (float32/float64) rounded to ``DTYPE``'s precision, kept in ``x``'s dtype (torch's intermediate
+    roundings)."""
+    return cast_rn(x, DTYPE).to(x.dtype)
