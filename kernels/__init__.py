@@ -11,6 +11,7 @@ from .box_coder import BoxCoder, decode_boxes, encode_boxes
 from .mask_loss import mask_loss, maskrcnn_loss
 from .nms import batched_nms, nms, nms_fixed
 from .paste_masks import paste_masks_in_image
+from .patch import patch_torchvision
 from .roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "mask_loss",
     "maskrcnn_loss",
     "paste_masks_in_image",
+    "patch_torchvision",
 ]

@@ -1,0 +1,136 @@
+"""``patch_torchvision()``: run an unmodified torchvision detection model on our ops.
+
+Entry points replaced (module attributes, so code that looks them up at call time — all of
+torchvision's detection code — picks ours up, including models built before the patch):
+
+=============  ==========================================================================================
+roi_align      ``torchvision.ops.roi_align`` (the function), ``torchvision.ops.roi_align.roi_align`` (the
+               module's, which ``RoIAlign`` calls) and ``torchvision.ops.poolers.roi_align``
+multiscale     ``torchvision.ops.poolers._multiscale_roi_align`` (what ``MultiScaleRoIAlign.forward``
+               calls): one multi-level launch instead of one ``roi_align`` + ``where`` per level
+nms            ``torchvision.ops.nms`` / ``batched_nms`` and ``torchvision.ops.boxes.nms`` / ``batched_nms``
+               (what the RPN and the box head call)
+box_coder      the methods ``encode``, ``encode_single``, ``decode``, ``decode_single`` of
+               ``torchvision.models.detection._utils.BoxCoder`` (existing instances included)
+mask_loss      ``torchvision.models.detection.roi_heads.maskrcnn_loss``
+paste_masks    ``paste_masks_in_image`` in ``torchvision.models.detection.roi_heads`` and ``.transform``
+               (what ``GeneralizedRCNNTransform.postprocess`` calls)
+=============  ==========================================================================================
+
+``patch_torchvision(...)`` applies the patches at once and returns a handle: use it as a context
+manager (everything is restored on exit) or call ``.restore()``. Patches nest: each handle restores
+exactly what it replaced.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import TracebackType
+from typing import Any
+
+from torch import Tensor
+
+# Functions, not modules: ``kernels.roi_align`` (and ``.nms``, ``.mask_loss``) name the functions.
+from .box_coder import BoxCoder
+from .mask_loss import maskrcnn_loss
+from .nms import batched_nms as _batched_nms
+from .nms import nms as _nms
+from .paste_masks import paste_masks_in_image
+from .roi_align import _boxes_to_rois, multiscale_roi_align
+from .roi_align import roi_align as _roi_align
+
+__all__ = ["patch_torchvision"]
+
+
+def _multiscale(x_filtered, boxes, output_size, sampling_ratio, scales, mapper) -> Tensor:
+    """Drop-in for ``torchvision.ops.poolers._multiscale_roi_align``."""
+    if scales is None or mapper is None:
+        raise ValueError("scales and mapper should not be None")
+    rois = _boxes_to_rois(boxes, x_filtered[0])
+    return multiscale_roi_align(
+        x_filtered, rois, tuple(output_size), scales, sampling_ratio,
+        canonical_scale=mapper.s0, canonical_level=mapper.lvl0,
+    )  # fmt: skip
+
+
+def _coder(self) -> BoxCoder:
+    return BoxCoder(self.weights, self.bbox_xform_clip)
+
+
+def _box_coder_methods() -> dict[str, Any]:
+    """torchvision ``BoxCoder`` methods that delegate to ours with the instance's weights and clip."""
+    names = ("encode", "encode_single", "decode", "decode_single")
+    return {name: lambda self, a, b, name=name: getattr(_coder(self), name)(a, b) for name in names}
+
+
+def _targets(
+    roi_align: bool, multiscale: bool, nms: bool, box_coder: bool, mask_loss: bool, paste_masks: bool
+) -> list[tuple[str, str, Any]]:
+    """``(module, attribute, replacement)`` for every entry point the flags select."""
+    out: list[tuple[str, str, Any]] = []
+    if roi_align:
+        out += [
+            ("torchvision.ops", "roi_align", _roi_align),
+            ("torchvision.ops.roi_align", "roi_align", _roi_align),
+            ("torchvision.ops.poolers", "roi_align", _roi_align),
+        ]
+    if multiscale:
+        out.append(("torchvision.ops.poolers", "_multiscale_roi_align", _multiscale))
+    if nms:
+        for module in ("torchvision.ops", "torchvision.ops.boxes"):
+            out += [(module, "nms", _nms), (module, "batched_nms", _batched_nms)]
+    if box_coder:
+        out += [("torchvision.models.detection._utils:BoxCoder", k, v) for k, v in _box_coder_methods().items()]
+    if mask_loss:
+        out.append(("torchvision.models.detection.roi_heads", "maskrcnn_loss", maskrcnn_loss))
+    if paste_masks:
+        for module in ("torchvision.models.detection.roi_heads", "torchvision.models.detection.transform"):
+            out.append((module, "paste_masks_in_image", paste_masks_in_image))
+    return out
+
+
+def _resolve(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    owner = importlib.import_module(module)
+    return getattr(owner, attr) if attr else owner
+
+
+class _Patch:
+    """Handle of applied patches: a context manager, or ``restore()`` by hand."""
+
+    def __init__(self, targets: list[tuple[str, str, Any]]) -> None:
+        self._saved: list[tuple[Any, str, Any]] = []
+        for path, attr, replacement in targets:
+            owner = _resolve(path)
+            self._saved.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, replacement)
+
+    def restore(self) -> None:
+        """Put back what this handle replaced (in reverse order; idempotent)."""
+        while self._saved:
+            owner, attr, original = self._saved.pop()
+            setattr(owner, attr, original)
+
+    def __enter__(self) -> _Patch:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.restore()
+
+
+def patch_torchvision(
+    roi_align: bool = True,
+    multiscale: bool = True,
+    nms: bool = True,
+    box_coder: bool = True,
+    mask_loss: bool = True,
+    paste_masks: bool = True,
+) -> _Patch:
+    """Make torchvision's detection models use our ops; see the module docstring for what is replaced.
+
+    ``with kernels.patch_torchvision(): detections = model(images)`` — or
+    ``handle = kernels.patch_torchvision(); ...; handle.restore()``.
+    """
+    return _Patch(_targets(roi_align, multiscale, nms, box_coder, mask_loss, paste_masks))
