@@ -1,0 +1,61 @@
+"""Shared set-up of the benchmark suites ``bench/test_<op>.py``.
+
+* Fixtures: ``bench_device`` (the GPU if there is one, else the CPU) and ``copy_bandwidth`` (GB/s of a
+  device-to-device copy, measured once per session) for suites that want them.
+* ``BENCH_QUICK=1`` (set by ``python -m bench --quick``) keeps, of every parametrized benchmark, only
+  the first case for each provider: a smoke run of every suite in seconds.
+* The machine info of ``--benchmark-json`` gets the torch / triton / torchvision versions and the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from bench import bench_device as _bench_device
+from bench import copy_bandwidth as _copy_bandwidth
+
+QUICK = os.environ.get("BENCH_QUICK", "0") == "1"
+
+
+@pytest.fixture(scope="session")
+def bench_device() -> torch.device:
+    return _bench_device()
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth(bench_device: torch.device) -> float:
+    """Device copy bandwidth in GB/s (bytes read + written per second / 1e9)."""
+    return _copy_bandwidth(bench_device)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not QUICK:
+        return
+    keep, drop, seen = [], [], set()
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        key = (item.nodeid.split("[")[0], callspec.params.get("provider") if callspec else None)
+        (drop if callspec is not None and key in seen else keep).append(item)
+        seen.add(key)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    import triton
+
+    machine_info["torch"] = torch.__version__
+    machine_info["triton"] = triton.__version__
+    try:
+        import torchvision
+
+        machine_info["torchvision"] = torchvision.__version__
+    except ImportError:
+        machine_info["torchvision"] = None
+    if torch.cuda.is_available():
+        machine_info["gpu"] = torch.cuda.get_device_name()

@@ -1,0 +1,128 @@
+"""The benchmark tooling: the runner (``python -m bench``), the report builder (``python -m bench.report``)
+and the pure parts of ``bench.kernels`` (occupancy, launch selection) against hand-computed values.
+
+The runner test is a ``--quick`` CPU run of one real suite plus a tiny copy benchmark written here (outside
+``bench/``, so without its conftest: all four cases run), so that it checks the JSON, the table and the chart
+whatever the real suites report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.kernels import SM80, SM90, occupancy, select
+from bench.report import main as report_main
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+COPY_SUITE = """
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("provider", ["ours", "torchvision"])
+@pytest.mark.parametrize("n", [4096, 8192])
+def test_copy(benchmark, provider, n):
+    x, y = torch.ones(n), torch.empty(n)
+    step = (lambda: y.copy_(x)) if provider == "ours" else (lambda: y.copy_(x.clone()))
+    benchmark.extra_info.update(op="copy", shape=[n], dtype="float32", mode="forward", provider=provider, bytes=8 * n)
+    benchmark(step)
+"""
+
+
+@pytest.mark.slow
+def test_runner_quick_writes_json_table_and_chart(tmp_path: Path) -> None:
+    suite = tmp_path / "test_copy.py"
+    suite.write_text(COPY_SUITE)
+    real = sorted((ROOT / "bench").glob("test_*.py"))[:1]  # one real suite, to keep this under a minute
+    only = ",".join(f.stem.removeprefix("test_") for f in real) or "none"
+    out = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "bench", "--quick", "--only", only, "--suite", str(suite), "--out-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    (result_file,) = out.glob("*.json")
+    results = json.loads(result_file.read_text())
+    assert results["device_type"] == "cpu" and results["quick"] is True
+    assert results["copy_bandwidth_gbps"] > 0 and results["matmul_tflops"] > 0 and results["matmul_dtype"] == "float32"
+    assert set(results["versions"]) >= {"torch", "triton", "torchvision"}
+    assert "commit" in results["git"]
+    assert all("exit 0," in status for status in results["suites"].values()), results["suites"]
+    copies = [b for b in results["benchmarks"] if b["fullname"].startswith("test_copy.py")]
+    assert len(copies) == 4
+    assert all({"p20", "p80", "median"} <= set(b["stats"]) and "data" not in b["stats"] for b in copies)
+    for f in real:  # the real suite ran; bench/conftest.py's --quick kept one case per test and provider
+        cases = [(b["fullname"].split("[")[0], (b["params"] or {}).get("provider")) for b in results["benchmarks"]
+                 if b["fullname"].startswith(f"bench/{f.name}")]  # fmt: skip
+        assert cases and len(cases) == len(set(cases)), cases
+
+    table = result_file.with_suffix(".md").read_text()
+    assert "| op | shape | dtype | mode | ours | torchvision |" in table
+    assert "| copy | 4096 | float32 | forward |" in table
+    assert result_file.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_report_from_stored_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = tmp_path / "nvidia-h100-2025-01-02.json"
+    shutil.copy(DATA / "bench_results.json", results)
+    assert report_main([str(results)]) == 0
+    table = (tmp_path / "nvidia-h100-2025-01-02.md").read_text()
+    assert table == capsys.readouterr().out.split("wrote ")[0].rstrip("\n") + "\n"
+    lines = table.splitlines()
+    assert "| op | shape | dtype | mode | ours | torchvision | time | speedup | % of bandwidth |" in lines
+    # speedup 200/50 = 4; bandwidth share 1e8 B / 50 us / 3000 GB/s = 67 %
+    assert (
+        "| roi_align | 1024x256x7x7 | float16 | forward | 50 us (49-51) | 200 us (190-210) | - | 4.00x | 67% |" in lines
+    )
+    # no extra_info: fields from the pytest params, q1/q3 when there are no percentiles, no bytes
+    assert "| mask_loss | - | - | forward | 1 ms (0.9-1.1) | 3 ms (2.9-3.1) | - | 3.00x | - |" in lines
+    # no torchvision row: no speedup
+    assert "| nms | 4000 boxes | float32 | forward | 2.5 s (2.4-2.6) | - | - | - | - |" in lines
+    # neither extra_info nor known params: the test name tells the case, in a plain time column
+    assert "| paste_masks test_paste[big] | - | - | - | - | - | 20 ms | - | - |" in lines
+    assert "Suites that did not pass: test_nms.py: exit 1" in table
+    assert (tmp_path / "nvidia-h100-2025-01-02.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize(
+    ("arch", "regs", "smem", "warps", "blocks"),
+    [
+        (SM90, 32, 0, 4, 16),  # threads: 2048 / 128
+        (SM90, 255, 0, 8, 1),  # 255 regs -> 8192 per warp -> 2 warps per sub-partition -> 8 warps
+        (SM90, 64, 0, 4, 8),  # 2048 regs per warp -> 8 warps per sub-partition -> 32 warps
+        (SM90, 40, 0, 4, 12),  # 1280 regs per warp -> 12 warps per sub-partition -> 48 warps
+        (SM90, 16, 50_000, 4, 4),  # 51,072 B per block with the 1 KB reserve -> 4 in 228 KB
+        (SM80, 16, 50_000, 4, 3),  # 164 KB
+        (SM90, 16, 0, 1, 32),  # the 32-blocks limit
+        (SM90, 16, 240_000, 4, 0),  # over the per-block maximum
+        (SM90, 256, 0, 4, 0),  # over 255 registers
+    ],
+)
+def test_occupancy(arch, regs: int, smem: int, warps: int, blocks: int) -> None:
+    got, fraction = occupancy(arch, regs, smem, warps)
+    assert got == blocks
+    assert fraction == pytest.approx(blocks * warps / 64)
+
+
+def _specimen(dtype: str, block: int, flag: bool) -> dict:
+    return {"args": {"x": {"tensor": dtype}, "n": {"int": "i32"}, "BLOCK": {"value": block}, "FLAG": {"value": flag}},
+            "options": {}}  # fmt: skip
+
+
+def test_select_covers_flags_and_largest_blocks_per_dtype() -> None:
+    specimens = [_specimen("float32", 16, False), _specimen("float32", 64, False), _specimen("float32", 16, True),
+                 _specimen("float16", 32, True)]  # fmt: skip
+    picked = select(specimens)
+    # fp32: BLOCK=64 (its largest) with FLAG=False, then FLAG=True; fp16: its one launch
+    assert picked == [specimens[1], specimens[2], specimens[3]]
+    assert select(specimens, first_only=True) == [specimens[1], specimens[3]]
