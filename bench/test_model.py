@@ -58,11 +58,14 @@ def setup_model(provider: str, mode: str) -> tuple[Callable[[], object], int]:
     size = (800, 1333) if CUDA else (128, 192)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
+    # box_score_thresh=0: with random weights almost no detection passes 0.05, and torchvision would skip
+    # the mask head that our static model always runs on detections_per_img slots; at 0 both run it on 100.
+    kw = dict(min_size=size[0], max_size=size[1], box_score_thresh=0.0)
     if CUDA:
-        tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=size[0], max_size=size[1])
+        tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kw)
     else:
         # A ResNet-18 body on CPU: the same model code at a size a small CPU runs in seconds.
-        tv = MaskRCNN(_resnet_fpn_extractor(resnet18(), 3), num_classes=91, min_size=size[0], max_size=size[1])
+        tv = MaskRCNN(_resnet_fpn_extractor(resnet18(), 3), num_classes=91, **kw)
     tv = tv.to(device)
     images, targets = _images(device, size, gen)
     if provider.startswith("torchvision"):
