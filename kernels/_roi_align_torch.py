@@ -177,7 +177,8 @@ def forward_torch(
                         matrix = torch.sparse_csr_tensor(
                             crow, cols.flatten(), weights.flatten(), shape, check_invariants=False
                         )
-                    out[ch] = (matrix @ flat).view(len(ch), PH, PW, C)
+                    with torch.autocast("cpu", enabled=False):  # autocast would cast the product to bf16
+                        out[ch] = (matrix @ flat).view(len(ch), PH, PW, C)
                 continue
             fhwc = feat.permute(0, 2, 3, 1)
             for ch in _chunks(idx, PH * Gh * PW * Gw * C):

@@ -672,3 +672,14 @@ def test_cuda_deterministic_backward_bitwise(dtype: torch.dtype, pool_mode: str)
         runs = [forward_backward(fn, x, grad)[1] for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     torch.testing.assert_close(runs[0].float(), gx.float(), **tol(dtype))
+
+
+def test_autocast_leaves_the_op_in_the_inputs_dtype(backend: str) -> None:
+    """Inside ``torch.autocast`` the op pools in its inputs' dtype (its inner products are not recast)."""
+    x = torch.randn(2, 3, 11, 13)
+    rois = random_rois(2, 5, 11, 13)
+    expected = roi_align(x, rois, 3, 1.0, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_align(x, rois, 3, 1.0, 2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
