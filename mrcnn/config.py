@@ -18,6 +18,9 @@ class MaskRCNNConfig:
     head: str = "v1"  # "v1" = maskrcnn_resnet50_fpn, "v2" = maskrcnn_resnet50_fpn_v2
     trainable_backbone_layers: int = 3
     frozen_batchnorm: bool = True  # torchvision freezes BN when starting from pretrained weights
+    # FPN width, also the width of the mask head (and the v2 box head's convs); torchvision: 256. Narrower
+    # is for CPU training: the 4-conv mask head at 14x14 dominates a step's time at 256 channels.
+    fpn_channels: int = 256
     # transform (collate)
     min_size: int = 800
     max_size: int = 1333

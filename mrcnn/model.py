@@ -129,7 +129,7 @@ def _resnet_name(blocks: tuple[int, ...], bottleneck: bool) -> str:
 
 
 def infer_config(state: dict[str, Tensor], base: MaskRCNNConfig | None = None) -> MaskRCNNConfig:
-    """``base`` with the architecture fields read off a torchvision Mask R-CNN state dict."""
+    """``base`` with the architecture fields read off a torchvision Mask R-CNN state dict (or ours)."""
     blocks = tuple(
         len({k.split(".")[3] for k in state if k.startswith(f"backbone.body.layer{i}.")}) for i in range(1, 5)
     )
@@ -139,6 +139,8 @@ def infer_config(state: dict[str, Tensor], base: MaskRCNNConfig | None = None) -
         backbone=_resnet_name(blocks, "backbone.body.layer1.0.conv3.weight" in state),
         head="v2" if "roi_heads.box_head.0.0.weight" in state else "v1",
         frozen_batchnorm="backbone.body.bn1.num_batches_tracked" not in state,
+        fpn_channels=state["backbone.fpn.layer_blocks.0.0.weight"].shape[0],
+        representation_size=state["roi_heads.box_predictor.cls_score.weight"].shape[1],
     )
 
 
@@ -153,6 +155,8 @@ def from_torchvision(tv_model: nn.Module) -> MaskRCNN:
         backbone=_resnet_name(blocks, isinstance(body.layer1[0], resnet.Bottleneck)),
         head="v2" if isinstance(heads.box_head, FastRCNNConvFCHead) else "v1",
         frozen_batchnorm=isinstance(body.bn1, misc_nn_ops.FrozenBatchNorm2d),
+        fpn_channels=tv_model.backbone.out_channels,
+        representation_size=heads.box_predictor.cls_score.in_features,
         min_size=transform.min_size[-1],
         max_size=transform.max_size,
         size_divisible=transform.size_divisible,

@@ -54,13 +54,13 @@ class RoIHeads(nn.Module):
         v2_norm = nn.BatchNorm2d if c.head == "v2" else None
         if c.head == "v2":
             self.box_head = FastRCNNConvFCHead(
-                (in_channels, r, r), [256] * 4, [c.representation_size], norm_layer=v2_norm
+                (in_channels, r, r), [c.fpn_channels] * 4, [c.representation_size], norm_layer=v2_norm
             )
         else:
             self.box_head = TwoMLPHead(in_channels * r * r, c.representation_size)
         self.box_predictor = FastRCNNPredictor(c.representation_size, c.num_classes)
-        self.mask_head = MaskRCNNHeads(in_channels, [256] * 4, 1, norm_layer=v2_norm)
-        self.mask_predictor = MaskRCNNPredictor(256, 256, c.num_classes)
+        self.mask_head = MaskRCNNHeads(in_channels, [c.fpn_channels] * 4, 1, norm_layer=v2_norm)
+        self.mask_predictor = MaskRCNNPredictor(c.fpn_channels, c.fpn_channels, c.num_classes)
 
     def _pool(self, features: list[Tensor], scales: list[float], boxes: Tensor, valid: Tensor, size: int) -> Tensor:
         return kernels.multiscale_roi_align(

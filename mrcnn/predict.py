@@ -1,0 +1,103 @@
+"""Run a trained Mask R-CNN on image files:
+``python -m mrcnn.predict --checkpoint PATH IMAGE... --out DIR [--score-threshold 0.5]``.
+
+Writes, for each image, ``DIR/<name>.png``: the image with its detections' masks, boxes, class names and
+scores drawn over it; ``DIR/results.json``: the COCO results of all images (every detection, whatever
+its score; ``segmentation`` is compressed RLE); ``DIR/images.json``: COCO image records whose ``id`` (the
+image's position on the command line) is the results' ``image_id``. Images of any size, on CPU or
+GPU; the model resizes them as its config says and the detections come back at each image's own size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+import kernels
+
+from .checkpoint import load_model
+from .data import to_coco_results
+from .evaluate import reexec_for_cpu, write_json
+from .visualize import draw_detections
+
+__all__ = ["main", "read_image"]
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """``Tensor[3, h, w]`` float32 in [0, 1]; grayscale, palette and RGBA files become RGB."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mrcnn.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--checkpoint", required=True, help="our checkpoint.pt or a torchvision Mask R-CNN one")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="draw detections scoring at least this")
+    p.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="kernels' implementation: auto = Triton on CUDA, torch on CPU")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Predict, draw and write; returns the COCO results (all detections, whatever their score)."""
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, info = load_model(args.checkpoint, device=device)
+    classes = info.get("classes")
+    label_to_cat = info.get("label_to_cat") or {k: k for k in range(1, model.config.num_classes)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = kernels.use_backend(args.backend) if args.backend != "auto" else contextlib.nullcontext()
+    results: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    stems: dict[str, int] = {}
+    with backend:
+        for start in range(0, len(args.images), args.batch_size):
+            paths = args.images[start : start + args.batch_size]
+            images = [read_image(p) for p in paths]
+            records += [{"id": start + i, "file_name": str(p), "height": im.shape[1], "width": im.shape[2]}
+                        for i, (p, im) in enumerate(zip(paths, images, strict=True))]  # fmt: skip
+            predictions = model.predict([im.to(device) for im in images])
+            ids = list(range(start, start + len(paths)))
+            results += to_coco_results(predictions, ids, label_to_cat, mask_threshold=args.mask_threshold)
+            for path, image, pred in zip(paths, images, predictions, strict=True):
+                drawn = draw_detections(image, pred, classes, score_threshold=args.score_threshold,
+                                        mask_threshold=args.mask_threshold)  # fmt: skip
+                # Two inputs with the same file name (from different folders) must not overwrite each other.
+                stem = Path(path).stem
+                stems[stem] = stems.get(stem, 0) + 1
+                name = stem if stems[stem] == 1 else f"{stem}_{stems[stem] - 1}"
+                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out / f"{name}.png")
+                kept = int((pred["scores"] >= args.score_threshold).sum())
+                print(f"{path}: {kept} detections >= {args.score_threshold} -> {out / f'{name}.png'}")
+    write_json(results, out / "results.json")
+    write_json(records, out / "images.json")
+    print(f"wrote {out / 'results.json'} ({len(results)} detections) and {out / 'images.json'}")
+    return results
+
+
+def cli() -> None:
+    reexec_for_cpu("mrcnn.predict")
+    main()
+
+
+if __name__ == "__main__":
+    cli()
