@@ -149,18 +149,19 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 #   idle machine:              default 0.37 s, GOMP_SPINCOUNT=10000 0.38 s, OMP_WAIT_POLICY=PASSIVE 0.52 s
 #   3 busy processes beside:   default 3.3 s,  GOMP_SPINCOUNT=10000 1.4 s,  OMP_WAIT_POLICY=PASSIVE 1.2 s
 # GNU OpenMP's threads spin ~300,000 times before they sleep; on a shared CPU the spinning thread holds
-# the core its sibling needs. A short spin keeps the idle speed and most of the loaded one. glibc's heap
-# trimming returns freed memory that the next step faults back in (6 % of a step). MKL's GEMMs otherwise
-# differ in the last bit between processes (memory alignment), which would break bit-exact --resume;
-# strict conditional numerical reproducibility costs nothing measurable here.
-CPU_ENV = {"GOMP_SPINCOUNT": "10000", "MALLOC_TRIM_THRESHOLD_": str(1 << 31), "MKL_CBWR": "AUTO,STRICT"}
+# the core its sibling needs. A short spin keeps the idle speed and most of the loaded one. MKL's GEMMs
+# otherwise differ in the last bit between processes (memory alignment), which would break bit-exact
+# --resume; strict conditional numerical reproducibility costs nothing measurable here. (Not glibc's
+# MALLOC_TRIM_THRESHOLD_: setting it freezes malloc's mmap threshold at 128 KiB, and page faults then
+# doubled the step time.)
+CPU_ENV = {"GOMP_SPINCOUNT": "10000", "MKL_CBWR": "AUTO,STRICT"}
 
 
 def reexec_for_cpu(module: str) -> None:
     """Re-run this command (``python -m module``) with the ``CPU_ENV`` variables the user has not set (no
     ``GOMP_SPINCOUNT`` when ``OMP_WAIT_POLICY`` is set), when there is no GPU.
 
-    They are read when the OpenMP runtime, MKL and libc start, i.e. before ``import torch``: hence the
+    They are read when the OpenMP runtime and MKL start, i.e. before ``import torch``: hence the
     restart (``os.execv`` keeps the pid, so torchrun still tracks the process).
     """
     if torch.cuda.is_available():

@@ -35,9 +35,10 @@ naming the step before the optimizer touches the weights; the last checkpoint st
 ``--skip-nonfinite`` skips such steps instead (no update, BatchNorm statistics restored) and logs them.
 
 Compilation. ``torch.compile(model, fullgraph=True)`` of the training forward is on by default with CUDA
-only. On a 2-core CPU, inductor's compile of the shapes preset's training graph took 58 s and the compiled
-step was 0.51 s against 0.59 s eager: it pays back after ~730 steps, a ~2 % gain on the 1000-step default,
-not worth a minute's stall before the first step and a C++ compiler as a requirement. ``--compile`` opts in.
+only. On a 2-core CPU, inductor's first (cold-cache) compile of the shapes preset's training graph took
+58 s, and the compiled step was 0.51 s against 0.59 s eager on a quiet machine (0.94 s against 0.95 s on
+a busy one): it pays back after 700+ steps at best, about nothing over the 1200-step default, at the price
+of a minute's stall and a C++ compiler as a requirement. ``--compile`` opts in.
 """
 
 from __future__ import annotations
@@ -235,8 +236,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
                    help="autocast dtype; fp16 uses a GradScaler")  # fmt: skip
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile(model, fullgraph=True) for training (default: on with CUDA, off on CPU, "
-                   "where inductor's compile time exceeds what it saves in a short run)")  # fmt: skip
+                   help="torch.compile(model, fullgraph=True) for training (default: on with CUDA; off on CPU, "
+                   "where inductor's minute of compiling does not pay back over the default run)")  # fmt: skip
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (inductor; aot_eager or eager to debug tracing)")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
