@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ._backend import autotune_configs, tl_acc_dtype
+from ._triton_utils import loop_bound
 
 # Adaptive sampling takes ceil(bin size) samples per bin side; like kernels.roi_align, the count is
 # capped so that an absurd finite box (1e9 pixels) cannot loop for hours.
@@ -182,12 +183,12 @@ def _mask_loss_fwd_kernel(
     base = masks_ptr + b * mask_stride_b + g * mask_stride_g
 
     acc = tl.zeros((BLOCK_H, BLOCK_W), ACC)
-    for iy in range(0, grid_h):
+    for iy in range(0, loop_bound(grid_h)):
         y = start_y + bin_y * bin_h + (iy + 0.5) * bin_h / grid_h
         in_y, y_lo, y_hi, hy, ly = _axis(y, h_img, ACC)
         row_lo = base + y_lo.to(tl.int64)[:, None] * mask_stride_h
         row_hi = base + y_hi.to(tl.int64)[:, None] * mask_stride_h
-        for ix in range(0, grid_w):
+        for ix in range(0, loop_bound(grid_w)):
             x = start_x + bin_x * bin_w + (ix + 0.5) * bin_w / grid_w
             in_x, x_lo, x_hi, hx, lx = _axis(x, w_img, ACC)
             # Outside samples load nothing and contribute 0 (their weights are finite: c = 0).

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._backend import autotune_configs, tl_acc_dtype
+from ._triton_utils import loop_bound
 
 MAX_LEVELS = 5
 # Adaptive sampling takes ceil(bin size) samples per bin side. A finite but absurd box (say 1e9
@@ -185,7 +186,7 @@ def _sample_coord(start, bin_index, bin_size, sample_index, grid):
 def _axis_weights(bin_start, bin_size, grid, size, pix, ACC: tl.constexpr):
     """Summed weights of a bin's ``grid`` samples along one axis on the pixels ``pix`` ([T] int)."""
     w = tl.zeros(pix.shape, ACC)
-    for s in range(0, grid):
+    for s in range(0, loop_bound(grid)):
         inside, low, high, w_low, w_high = _axis(bin_start + (s + 0.5) * bin_size / grid, size)
         w += tl.where(pix == low, tl.where(inside, w_low, 0.0), 0.0)
         w += tl.where(pix == high, tl.where(inside, w_high, 0.0), 0.0)
@@ -290,9 +291,9 @@ def _roi_align_fwd_kernel(
         arg = tl.full((BLOCK_P, BLOCK_C), -1, tl.int32)
     else:
         acc = tl.zeros((BLOCK_P, BLOCK_C), ACC)
-    for iy in range(0, grid_h):
+    for iy in range(0, loop_bound(grid_h)):
         y = _sample_coord(start_y, bin_y, bin_h, iy, grid_h)
-        for ix in range(0, grid_w):
+        for ix in range(0, loop_bound(grid_w)):
             x = _sample_coord(start_x, bin_x, bin_w, ix, grid_w)
             inside, y_lo, y_hi, x_lo, x_hi, w1, w2, w3, w4 = _sample_weights(y, x, H, W)
             m = tile_mask & inside[:, None]
@@ -398,9 +399,9 @@ def _roi_align_bwd_kernel(
         tl.atomic_add(base + y_hi * s_h + x_hi * s_w, (g * w4).to(ty), mask=m)
     else:
         g = g / tl.maximum(grid_h * grid_w, 1)
-        for iy in range(0, grid_h):
+        for iy in range(0, loop_bound(grid_h)):
             y = _sample_coord(start_y, bin_y, bin_h, iy, grid_h)
-            for ix in range(0, grid_w):
+            for ix in range(0, loop_bound(grid_w)):
                 x = _sample_coord(start_x, bin_x, bin_w, ix, grid_w)
                 inside, y_lo, y_hi, x_lo, x_hi, w1, w2, w3, w4 = _sample_weights(y, x, H, W)
                 m = tile_mask & inside[:, None]
@@ -475,7 +476,7 @@ def _roi_align_bwd_tiles_kernel(
     c_mask = offs_c < C
 
     acc = tl.zeros((TILE_H, TILE_W, BLOCK_C), ACC)
-    for k in range(0, K):
+    for k in range(0, loop_bound(K)):
         n, roi_lvl, ok, _, _, start_x, start_y, bin_w, bin_h, grid_w, grid_h = _roi_prologue(
             rois_ptr, roi_stride_k, roi_stride_col, valid_ptr, valid_stride, k, N,
             H0, H1, H2, H3, H4, W0, W1, W2, W3, W4,

@@ -11,7 +11,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["cast_rn", "ieee_div", "round_to"]
+from ._backend import INTERPRET
+
+__all__ = ["cast_rn", "ieee_div", "loop_bound", "round_to"]
+
+if INTERPRET:
+
+    def loop_bound(n):
+        """A run-time loop bound as a Python int (interpreter only).
+
+        Triton <= 3.6's interpreter turns a ``range`` bound into an int with ``int(handle.data)``, and
+        every scalar there is a shape-(1,) array, which numpy >= 2.4 refuses to convert ("only
+        0-dimensional arrays can be converted to Python scalars"). Plain Python is allowed inside an
+        interpreted kernel, so the bound is read here instead; Triton 3.8's interpreter needs nothing.
+        """
+        return int(n.handle.data.reshape(-1)[0]) if isinstance(n, tl.tensor) else n
+
+else:
+
+    @triton.jit
+    def loop_bound(n):
+        """The identity when compiled: inlined, so the compiled code is the same as ``range(n)``."""
+        return n
 
 
 @triton.jit

@@ -64,7 +64,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._backend import FLOAT_DTYPES, acc_dtype, backend_for, check_tensor
-from ._triton_utils import ieee_div, round_to
+from ._triton_utils import ieee_div, loop_bound, round_to
 
 __all__ = ["nms", "batched_nms", "nms_fixed"]
 
@@ -176,7 +176,7 @@ def _nms_sweep_kernel(
     order_row = order_ptr + b * order_stride_b
     removed = tl.zeros([NUM_WORDS_PAD], dtype=tl.int64)
     count = tl.zeros((), dtype=tl.int32)
-    for c in range(0, num_words):
+    for c in range(0, loop_bound(num_words)):
         if count < max_out:
             pos = c * WORD + lanes
             in_range = pos < num_boxes
@@ -206,7 +206,7 @@ def _nms_sweep_kernel(
             count += tl.sum(kept_lane)
     count = tl.minimum(count, max_out)
     tl.store(count_ptr + b, count.to(tl.int64))
-    for s0 in range(0, max_out, OUT_BLOCK):
+    for s0 in range(0, loop_bound(max_out), OUT_BLOCK):
         s = s0 + tl.arange(0, OUT_BLOCK)
         in_out = s < max_out
         pad = tl.zeros([OUT_BLOCK], dtype=tl.int64)
