@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -27,7 +28,15 @@ _forced: list[str] = []
 
 
 def backend_for(t: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"``: the implementation an op would run for tensor ``t``."""
+    """``"triton"`` or ``"torch"``: the implementation an op would run for tensor ``t``.
+
+    While ``torch.compile`` / ``torch.export`` trace an op (fake tensors), a CPU tensor always takes the
+    torch path: interpreted kernels cannot run on fake tensors (``wrap_triton`` needs data pointers), and
+    tracing the torch path is what makes a CPU graph or AOTInductor package pure aten. CUDA tensors keep
+    the Triton kernels, which inductor then launches from its generated code.
+    """
+    if t.device.type == "cpu" and is_fake(t):
+        return "torch"
     if _forced:
         forced = _forced[-1]
         if forced == "triton" and not (t.is_cuda or (INTERPRET and t.device.type == "cpu")):
