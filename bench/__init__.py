@@ -13,6 +13,7 @@ Conventions a suite may follow (the runner copes with any of them missing): each
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import time
@@ -24,6 +25,22 @@ import torch
 def bench_device() -> torch.device:
     """The device the suites measure on: the GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+SHAPES_ENV = "BENCH_SHAPES"  # "coco" or "cpu": the suites' shapes whatever the device (unset: by device)
+
+
+def coco_shapes(device: str | torch.device | None = None) -> bool:
+    """Whether the suites use their COCO shapes (else their reduced CPU shapes): by default on CUDA only.
+
+    ``BENCH_SHAPES=coco`` forces the COCO shapes on any device (``python -m bench.kernels`` records the
+    launches of the COCO-shape runs on a machine without a GPU), ``BENCH_SHAPES=cpu`` the CPU shapes."""
+    forced = os.environ.get(SHAPES_ENV, "")
+    if forced not in ("", "coco", "cpu"):
+        raise ValueError(f"{SHAPES_ENV} must be 'coco' or 'cpu', got {forced!r}")
+    if forced:
+        return forced == "coco"
+    return torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
 
 
 def device_name(device: torch.device) -> str:

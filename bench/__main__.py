@@ -9,7 +9,11 @@ commit and the two baselines), then the table and the chart of ``bench.report`` 
 
 ``--quick`` is a smoke run for CI: CPU, one case per benchmark and provider, one round each, small
 baselines. ``--time-budget`` bounds the suites' total time (each gets an equal share of what is left;
-one over its share is stopped and loses its rows), ``--max-time`` each benchmark's.
+one over its share gets SIGINT, so that pytest-benchmark still writes the rows it finished, and SIGKILL
+``GRACE`` seconds later), ``--max-time`` each benchmark's. The results file is rewritten after every
+suite, so a run killed from outside keeps the suites it finished. ``--name`` sets the file's stem,
+``--no-report`` skips the table and chart (``python -m bench.report <json>`` makes them later).
+Exit status: 0 when every suite passed, 3 when the only trouble was suites stopped by the budget, else 1.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -34,11 +39,15 @@ from bench import bench_device, copy_bandwidth, device_name, matmul_rate
 from bench.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
+EXIT_TIMED_OUT = 3  # every suite passed or was stopped by the time budget (keeping its finished rows)
+GRACE = 10.0  # seconds between SIGINT and SIGKILL for a suite over its time: pytest's summary and JSON
 
 
-def suites(only: Sequence[str] = ()) -> list[Path]:
+def suites(only: Sequence[str] = (), skip: Sequence[str] = ()) -> list[Path]:
+    """The suites ``bench/test_<name>.py``: those named in ``only`` (all if empty), less those in ``skip``."""
     files = sorted((ROOT / "bench").glob("test_*.py"))
-    return [f for f in files if not only or f.stem.removeprefix("test_") in only]
+    names = {f: f.stem.removeprefix("test_") for f in files}
+    return [f for f in files if (not only or names[f] in only) and names[f] not in skip]
 
 
 def _versions() -> dict[str, str | None]:
@@ -85,7 +94,8 @@ def run_suite(
     if device.type == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the suites choose their shapes by device
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.json"
+        out, partial = Path(tmp) / "bench.json", Path(tmp) / "partial.jsonl"
+        env["BENCH_PARTIAL"] = str(partial)  # bench/conftest.py appends every finished benchmark
         cmd = [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                f"--benchmark-json={out}", "--benchmark-sort=fullname"]  # fmt: skip
         if quick:
@@ -97,28 +107,51 @@ def run_suite(
                 cmd.append(f"--benchmark-max-time={max_time}")
         if device.type == "cuda":
             cmd.append("--benchmark-timer=bench.synced_timer")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        timed_out = False
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {}, f"{suite.name}: timed out after {timeout:.0f} s, 0 benchmarks"
-        data = json.loads(out.read_text()) if out.exists() else {}
-    tail = (proc.stdout.strip().splitlines() or [""])[-1]
-    status = f"{suite.name}: exit {proc.returncode}, {len(data.get('benchmarks', []))} benchmarks ({tail})"
-    if proc.returncode != 0:
-        status += "\n" + "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+            timed_out = True
+            proc.send_signal(signal.SIGINT)  # pytest stops, prints its summary, pytest-benchmark writes the JSON
+            try:
+                output, _ = proc.communicate(timeout=GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                output, _ = proc.communicate()
+        data = json.loads(out.read_text()) if out.exists() and out.stat().st_size else {}
+        if not data and partial.exists():  # stopped before pytest-benchmark wrote its JSON
+            data = {"benchmarks": [json.loads(line) for line in partial.read_text().splitlines()]}
+    tail = (output.strip().splitlines() or [""])[-1]
+    count = len(data.get("benchmarks", []))
+    if timed_out:
+        status = f"{suite.name}: timed out after {timeout:.0f} s, kept {count} benchmarks ({tail})"
+    else:
+        status = f"{suite.name}: exit {proc.returncode}, {count} benchmarks ({tail})"
+    if timed_out or proc.returncode != 0:
+        status += "\n" + "\n".join(output.strip().splitlines()[-20:])
     return data, status
 
 
 def run(out_dir: Path, quick: bool = False, only: Sequence[str] = (), extra_suites: Sequence[Path] = (),
-        max_time: float | None = None, time_budget: float | None = None) -> Path:  # fmt: skip
-    """Run the suites and the baselines; write the results JSON, table and chart; return the JSON path."""
+        max_time: float | None = None, time_budget: float | None = None, skip: Sequence[str] = (),
+        name: str | None = None, report: bool = True) -> Path:  # fmt: skip
+    """Run the suites and the baselines; write the results JSON (after every suite), then its table and
+    chart unless ``report`` is false; return the JSON path (``<out_dir>/<name>.json``, by default
+    ``<device>-<date>.json``)."""
     device = torch.device("cpu") if quick else bench_device()
     bandwidth = copy_bandwidth(device, nbytes=1 << 24 if quick else None, repeats=3 if quick else 10)
     tflops, mm_dtype = matmul_rate(device, n=256 if quick else None, repeats=3 if quick else 10)
     print(f"{device_name(device)}: copy {bandwidth:.1f} GB/s, {mm_dtype} matmul {tflops:.3g} TFLOP/s", flush=True)
     benchmarks, statuses, machine_info = [], {}, {}
-    deadline = time.monotonic() + time_budget if time_budget is not None else None
-    todo = [*suites(only), *extra_suites]
+    # The last suite stopped may take GRACE seconds past its share to write its rows.
+    deadline = time.monotonic() + time_budget - GRACE if time_budget is not None else None
+    todo = [*suites(only, skip), *extra_suites]
+    if not todo:
+        raise SystemExit("python -m bench: no suite selected")
+    start = datetime.datetime.now(datetime.timezone.utc)
+    path = out_dir / f"{name or device_name(device) + '-' + start.date().isoformat()}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
     for i, suite in enumerate(todo):
         # An equal share of what is left of the budget, so that a slow suite cannot starve the rest.
         timeout = None if deadline is None else max((deadline - time.monotonic()) / (len(todo) - i), 1.0)
@@ -127,11 +160,24 @@ def run(out_dir: Path, quick: bool = False, only: Sequence[str] = (), extra_suit
         statuses[suite.name] = status.splitlines()[0]
         benchmarks += [_percentiles(b) for b in data.get("benchmarks", [])]
         machine_info = machine_info or data.get("machine_info", {})
-    now = datetime.datetime.now(datetime.timezone.utc)
-    results = {
+        results = _results(device, start, quick, bandwidth, tflops, mm_dtype, statuses, machine_info, benchmarks)
+        path.write_text(json.dumps(results, indent=1))
+    if report:
+        table, chart = write_report(results, path.with_suffix(""))
+        print(table.read_text())
+        print(f"wrote {path}, {table}" + (f", {chart}" if chart else " (no chart: matplotlib is not installed)"))
+    else:
+        print(f"wrote {path}")
+    return path
+
+
+def _results(device: torch.device, start: datetime.datetime, quick: bool, bandwidth: float, tflops: float,
+             mm_dtype: str, statuses: dict[str, str], machine_info: dict[str, Any],
+             benchmarks: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    return {
         "device": device_name(device),
         "device_type": device.type,
-        "date": now.isoformat(timespec="seconds"),
+        "date": start.isoformat(timespec="seconds"),
         "quick": quick,
         "versions": _versions(),
         "git": _git_commit(),
@@ -142,27 +188,30 @@ def run(out_dir: Path, quick: bool = False, only: Sequence[str] = (), extra_suit
         "machine_info": machine_info,
         "benchmarks": benchmarks,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{results['device']}-{now.date().isoformat()}.json"
-    path.write_text(json.dumps(results, indent=1))
-    table, chart = write_report(results, path.with_suffix(""))
-    print(table.read_text())
-    print(f"wrote {path}, {table}" + (f", {chart}" if chart else " (no chart: matplotlib is not installed)"))
-    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: one case per benchmark, one round")
     parser.add_argument("--only", default="", help="suites to run, comma-separated (roi_align,nms,...)")
+    parser.add_argument("--skip", default="", help="suites not to run, comma-separated (model,...)")
+    parser.add_argument("--name", help="stem of the results file (default: <device>-<date>)")
+    parser.add_argument("--no-report", action="store_true", help="write the JSON only, no table or chart")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--suite", type=Path, action="append", default=[], help="an extra suite file to run")
     parser.add_argument("--max-time", type=float, help="pytest-benchmark --benchmark-max-time per benchmark (s)")
     parser.add_argument("--time-budget", type=float, help="seconds for all suites; a suite over its share is stopped")
     args = parser.parse_args(argv)
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
-    run(args.out_dir, args.quick, only, [p.resolve() for p in args.suite], args.max_time, args.time_budget)
-    return 0
+    only, skip = ([s.strip() for s in arg.split(",") if s.strip()] for arg in (args.only, args.skip))
+    path = run(args.out_dir, args.quick, only, [p.resolve() for p in args.suite], args.max_time, args.time_budget,
+               skip, args.name, not args.no_report)  # fmt: skip
+    statuses = json.loads(path.read_text())["suites"].values()
+    failed = [s for s in statuses if " exit 0," not in s and " timed out " not in s]
+    timed_out = [s for s in statuses if " timed out " in s]
+    for label, bad in (("failed", failed), ("ran out of time", timed_out)):
+        if bad:
+            print(f"python -m bench: suites that {label}:\n  " + "\n  ".join(bad), file=sys.stderr)
+    return 1 if failed else (EXIT_TIMED_OUT if timed_out else 0)
 
 
 if __name__ == "__main__":

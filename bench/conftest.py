@@ -5,6 +5,9 @@
 * ``BENCH_QUICK=1`` (set by ``python -m bench --quick``) keeps, of every parametrized benchmark, only
   the first case for each provider: a smoke run of every suite in seconds.
 * The machine info of ``--benchmark-json`` gets the torch / triton / torchvision versions and the GPU.
+* ``BENCH_PARTIAL=<file>`` (set by ``python -m bench``) appends each finished benchmark to that file as one
+  JSON line, in ``--benchmark-json``'s form: a suite stopped by its time budget, or one whose
+  pytest-benchmark fails at the interrupt (it does when SIGINT lands inside a round), keeps its rows.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from bench import bench_device as _bench_device
 from bench import copy_bandwidth as _copy_bandwidth
 
 QUICK = os.environ.get("BENCH_QUICK", "0") == "1"
+PARTIAL = os.environ.get("BENCH_PARTIAL")
+_written = 0  # benchmarks of this session already appended to PARTIAL
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +64,28 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         machine_info["torchvision"] = None
     if torch.cuda.is_available():
         machine_info["gpu"] = torch.cuda.get_device_name()
+
+
+def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
+    global _written
+    session = getattr(_config, "_benchmarksession", None) if PARTIAL else None
+    if session is None or len(session.benchmarks) == _written:
+        return
+    new = session.benchmarks[_written:]
+    _written = len(session.benchmarks)
+    # pytest-benchmark's own serialization, so that a row reads the same as in its --benchmark-json.
+    rows = _config.hook.pytest_benchmark_generate_json(
+        config=_config, benchmarks=new, include_data=True, machine_info={}, commit_info={}
+    )["benchmarks"]
+    from pytest_benchmark.utils import safe_dumps  # its JSON encoder (dtypes and other params as text)
+
+    with open(PARTIAL, "a") as f:
+        f.writelines(safe_dumps(row) + "\n" for row in rows)
+
+
+_config: pytest.Config | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _config
+    _config = config

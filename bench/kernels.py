@@ -57,6 +57,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 RECORD_ENV = "BENCH_KERNELS_RECORD"  # set: this module, loaded as a pytest plugin, records launches there
+SOURCE_ENV = "BENCH_KERNELS_SOURCE"  # the label recorded launches get: "coco" (the suites) or "tests"
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
@@ -238,7 +239,8 @@ class _Recorder:
         bound.update(zip(params, args, strict=False))  # the rest come by keyword
         bound.update({k: v for k, v in kwargs.items() if k in params})
         encoded = {n: _encode(bound[n], "constexpr" in str(p.annotation)) for n, p in params.items() if n in bound}
-        specimen = {"args": encoded, "options": {k: kwargs[k] for k in OPTION_KEYS if kwargs.get(k) is not None}}
+        specimen = {"args": encoded, "options": {k: kwargs[k] for k in OPTION_KEYS if kwargs.get(k) is not None},
+                    "source": os.environ.get(SOURCE_ENV, "tests")}  # fmt: skip
         per_kernel = self.specimens.setdefault(f"{fn.fn.__module__}:{fn.fn.__name__}", {})
         key = json.dumps(specimen, sort_keys=True)
         if key not in per_kernel:
@@ -272,13 +274,17 @@ def pytest_configure(config: Any) -> None:
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     """Drop the cases that cannot launch a Triton kernel of ours: benchmarks of the ``torchvision``
-    provider and tests pinned to the ``torch`` backend (the names DESIGN.md gives them)."""
+    provider and tests pinned to the ``torch`` backend (the names DESIGN.md gives them); when recording
+    the suites at COCO shapes, also their tests that are no benchmark (``test_providers_agree``: the same
+    launches, and torchvision's CPU kernels at COCO shapes would take minutes)."""
     if _recorder is None:
         return
     keep, drop = [], []
+    coco = os.environ.get(SOURCE_ENV) == "coco"
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        (drop if params.get("provider") == "torchvision" or params.get("backend") == "torch" else keep).append(item)
+        unwanted = params.get("provider") == "torchvision" or params.get("backend") == "torch"
+        (drop if unwanted or (coco and "benchmark" not in item.fixturenames) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -294,20 +300,59 @@ SOURCE_DIRS = ("tests/kernels", "bench")
 
 def sources() -> list[Path]:
     """The files whose launches are recorded: the op tests ``tests/kernels/test_<op>.py`` (every dtype
-    and flag) and the benchmark suites ``bench/test_<op>.py`` (sizes nearer production)."""
+    and flag) and the benchmark suites ``bench/test_<op>.py`` (at COCO shapes, see ``run``)."""
     files = [f for d in SOURCE_DIRS for f in sorted((ROOT / d).glob("test_*.py"))]
     return [f for f in files if f.name != "test_aot.py"]
 
 
-def record_launches(files: Sequence[Path], timeout: float = 600) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
-    """Run ``files`` with pytest, interpreted, with the recorder; return (kernel id -> specimens, problems).
+def is_suite(path: Path) -> bool:
+    return path.parent == ROOT / "bench"
+
+
+# What the report depends on besides Triton: the kernels, the suites that launch them (and their shapes),
+# and this module (how launches are recorded, compiled and reported).
+HASHED = ("kernels/**/*.py", "bench/__init__.py", "bench/conftest.py", "bench/test_*.py", "bench/kernels.py")
+
+
+def sources_hash() -> str:
+    """sha256 over the files of ``HASHED`` (path and bytes, in path order): the report's header carries it,
+    and a test compares the committed report's with the checkout's."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted({f for pattern in HASHED for f in ROOT.glob(pattern) if "__pycache__" not in f.parts})
+    for f in files:
+        digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+HASH_LINE = "<!-- sources sha256: {} (regenerate: python -m bench.kernels) -->"
+
+
+def committed_hash(path: Path | None = None) -> str | None:
+    """The sources hash in the header of a report (default: the committed one), or None."""
+    path = path or RESULTS / "kernels-sm90.md"
+    text = path.read_text() if path.exists() else ""
+    match = re.search(r"<!-- sources sha256: ([0-9a-f]{64})", text)
+    return match.group(1) if match else None
+
+
+def record_launches(
+    files: Sequence[Path], timeout: float = 900, source: str = "tests", shapes: str | None = None
+) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Run ``files`` with pytest, interpreted, with the recorder; return (kernel id -> specimens labelled
+    ``source``, problems). ``shapes`` ("coco" or "cpu") sets the suites' shapes (``bench.coco_shapes``).
 
     One process for all files: its imports cost more than the tests once no kernel executes. The tests'
     own outcome does not matter (outputs are left as allocated, so most asserts fail)."""
     problems: list[str] = []
+    if not files:
+        return {}, problems
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "launches.json"
-        env = {**os.environ, "TRITON_INTERPRET": "1", RECORD_ENV: str(out)}
+        env = {**os.environ, "TRITON_INTERPRET": "1", RECORD_ENV: str(out), SOURCE_ENV: source}
+        if shapes:
+            env["BENCH_SHAPES"] = shapes
         cmd = [sys.executable, "-m", "pytest", "-p", "bench.kernels", *map(str, files), "-q", "--tb=no", "-rE",
                "-p", "no:cacheprovider", "-o", "addopts=", "--benchmark-disable",
                "--continue-on-collection-errors"]  # fmt: skip
@@ -413,6 +458,8 @@ class Job:
     constexprs: dict[tuple[int, ...], Any]
     attrs: dict[tuple[int, ...], Any]
     options: dict[str, Any]
+    launch: str  # the recorded launch's own constexprs, e.g. "OUT_H=14 OUT_W=14 LEVELS=4"
+    source: str  # "coco" (a benchmark suite at COCO shapes) or "tests"
 
 
 def config_options(config: Any) -> dict[str, Any]:
@@ -438,6 +485,14 @@ def dtype_label(specimen: dict[str, Any]) -> str:
     """The floating dtypes of a launch's tensors, e.g. ``fp16`` or ``fp16/fp32`` (``-`` if none)."""
     dtypes = {e["tensor"] for e in specimen["args"].values() if "tensor" in e}
     return "/".join(_SHORT[d] for d in _SHORT if d in dtypes) or "-"
+
+
+def launch_label(specimen: dict[str, Any], config: Any | None) -> str:
+    """The constexprs a launch chose itself (not the autotune config's), as ``NAME=value`` words."""
+    tuned = set(config.kwargs) if config is not None else set()
+    words = [f"{n}={e['value']}" for n, e in specimen["args"].items()
+             if "value" in e and n not in tuned and not isinstance(e["value"], float)]  # fmt: skip
+    return " ".join(words) or "-"
 
 
 def make_jobs(
@@ -479,10 +534,12 @@ def make_jobs(
                     constexprs={p: get_iterable_path(values, p) for p in constexpr_paths},
                     attrs={p: backend.parse_attr(get_iterable_path(attr_vals, p)) for p in attr_paths},
                     options=options,
+                    launch=launch_label(specimen, config),
+                    source=specimen.get("source", "tests"),
                 ))  # fmt: skip
     unique = {}
     for job in jobs:  # specimens that differ only in unspecialized values compile to the same kernel
-        unique.setdefault(repr((job.arch, job.config, job.signature, job.constexprs, job.attrs)), job)
+        unique.setdefault(repr((job.arch, job.config, job.signature, job.constexprs, job.attrs, job.launch)), job)
     return list(unique.values())
 
 
@@ -503,6 +560,7 @@ def _compile(job: Job) -> dict[str, Any]:
 
     row: dict[str, Any] = {"kernel": job.kernel, "config": job.config, "dtype": job.dtype, "arch": job.arch,
                            "num_warps": job.options.get("num_warps", 4), "signature": job.signature,
+                           "launch": job.launch, "source": job.source,
                            "constexprs": {str(k): repr(v) for k, v in job.constexprs.items()}}  # fmt: skip
     try:
         src = ASTSource(
@@ -552,27 +610,39 @@ def run(
     selection: str = "cover",
     only: Sequence[str] | None = None,
     workers: int | None = None,
+    shapes: str = "coco",
 ) -> dict[str, Any]:
-    """Discover, record, select, compile. Returns ``{"triton", "selection", "sm80", "kernels",
+    """Discover, record, select, compile. Returns ``{"triton", "selection", "sm80", "shapes", "kernels",
     "expected_configs", "rows", "problems", "seconds"}``: the options, the kernel ids, the config labels
     each target had to compile per autotuned kernel, one row per compile, a problem per kernel that could
-    not be compiled from a recorded launch, and the time spent recording and compiling."""
+    not be compiled from a recorded launch, and the time spent recording and compiling.
+
+    The launches: every distinct one of the benchmark suites at ``shapes`` (``"coco"``: their COCO shapes,
+    as on a GPU; ``selection == "first"``: the heaviest per dtype only), recorded in parallel with those of
+    the op tests, which stand in (through ``selection``) only for kernels no suite launches."""
     import triton
 
     start = time.perf_counter()
     found, problems = discover()
     kernels = {k: v for k, v in found.items() if _matches(k.split(":")[0], only)}
-    launches, record_problems = record_launches([f for f in sources() if _matches(f.stem, only)])
-    problems += record_problems
+    files = [f for f in sources() if _matches(f.stem, only)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two pytest processes
+        suites_run = pool.submit(record_launches, [f for f in files if is_suite(f)], source="coco", shapes=shapes)
+        tests_run = pool.submit(record_launches, [f for f in files if not is_suite(f)], source="tests")
+        (suite_launches, suite_problems), (test_launches, test_problems) = suites_run.result(), tests_run.result()
+    problems += suite_problems + test_problems
     recorded = time.perf_counter()
     first_config = {"80"} if sm80 == "first" else set()
     jobs: list[Job] = []
     for kid, kernel in kernels.items():
-        if kid not in launches:
+        if kid not in suite_launches and kid not in test_launches:
             problems.append(f"{kid}: never launched by {', '.join(d + '/test_*.py' for d in SOURCE_DIRS)}")
             continue
         try:
-            picked = select(launches[kid], first_only=selection == "first")
+            if kid in suite_launches:
+                picked = select(suite_launches[kid], first_only=True) if selection == "first" else suite_launches[kid]
+            else:
+                picked = select(test_launches[kid], first_only=selection == "first")
             jobs += make_jobs(kernel, picked, archs, first_config)
         except Exception as e:  # noqa: BLE001 - reported with the kernel's name
             problems.append(f"{kid}: cannot specialize its recorded launches: {type(e).__name__}: {e}")
@@ -584,7 +654,9 @@ def run(
         for kid, k in kernels.items()
         if k.configs is not None
     }
-    return {"triton": triton.__version__, "selection": selection, "sm80": sm80, "kernels": sorted(kernels),
+    return {"triton": triton.__version__, "selection": selection, "sm80": sm80, "shapes": shapes,
+            "sources_hash": sources_hash(),
+            "kernels": sorted(kernels),
             "expected_configs": expected, "rows": rows, "problems": problems, "seconds": seconds}  # fmt: skip
 
 
@@ -595,18 +667,43 @@ def _short(kernel_id: str) -> str:
 
 def worst_case(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (kernel, config, dtype, arch): the worst over its specializations (most registers,
-    spills and shared memory, fewest blocks), with the number of specializations."""
+    spills and shared memory, fewest blocks), with the number of specializations and the launch (its
+    own constexprs) of the worst one."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in rows:
         if "error" not in r:
             groups.setdefault((r["arch"], r["kernel"], r["config"], r["dtype"]), []).append(r)
     out = []
     for (arch, kernel, config, dtype), rs in groups.items():
-        worst = min(rs, key=lambda r: (r["blocks"], -r["regs"]))
+        worst = min(rs, key=lambda r: (r["blocks"], -r["regs"], -r["spills"]))
         out.append({"arch": arch, "kernel": kernel, "config": config, "dtype": dtype, "variants": len(rs),
                     "regs": max(r["regs"] for r in rs), "spills": max(r["spills"] for r in rs),
                     "smem": max(r["smem"] for r in rs), "blocks": worst["blocks"],
-                    "occupancy": worst["occupancy"]})  # fmt: skip
+                    "occupancy": worst["occupancy"], "launch": worst.get("launch", "-"),
+                    "source": worst.get("source", "tests")})  # fmt: skip
+    return out
+
+
+FLOOR_WARPS = 16  # resident warps per SM: 25 % of sm_90's 64
+
+
+def below_floor(rows: Iterable[dict[str, Any]], arch: str = "90") -> list[dict[str, Any]]:
+    """The launches of the suites at COCO shapes for which no autotune config of the kernel compiles, on
+    ``arch``, with no spills and at least ``FLOOR_WARPS`` resident warps per SM: one entry per (kernel,
+    dtype, launch), with the best config there is (fewest spills, then most resident warps). Empty when
+    every kernel's autotune space offers such a config at every COCO launch."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["arch"] == arch and r.get("source") == "coco" and "error" not in r:
+            groups.setdefault((r["kernel"], r["dtype"], r["launch"]), []).append(r)
+    out = []
+    for (kernel, dtype, launch), rs in sorted(groups.items()):
+        if any(r["spills"] == 0 and r["blocks"] * r["num_warps"] >= FLOOR_WARPS for r in rs):
+            continue
+        best = min(rs, key=lambda r: (r["spills"], -r["blocks"] * r["num_warps"]))
+        out.append({"kernel": kernel, "dtype": dtype, "launch": launch, "config": best["config"],
+                    "regs": best["regs"], "spills": best["spills"], "warps": best["blocks"] * best["num_warps"],
+                    "occupancy": best["occupancy"]})  # fmt: skip
     return out
 
 
@@ -614,12 +711,17 @@ def markdown(result: dict[str, Any]) -> str:
     launches = {"cover": "a cover of the recorded launches (every flag value, the largest block sizes)",
                 "first": "the heaviest recorded launch"}[result["selection"]]  # fmt: skip
     configs = "every autotune config" + (" (sm_80: the first)" if result["sm80"] == "first" else "")
+    suites = "every launch" if result["selection"] != "first" else "the heaviest launch per dtype"
     lines = [
+        HASH_LINE.format(result.get("sources_hash") or sources_hash()),
         "# Triton kernels: registers, spills, shared memory, occupancy",
         "",
-        f"Compiled ahead of time without a GPU by `python -m bench.kernels` (triton {result['triton']}): per kernel",
-        f"and dtype, {launches} of the op tests and benchmark suites, with {configs}.",
-        "A row is the worst case over those launches (`var` counts them). Spills: local-memory bytes per thread;",
+        f"Compiled ahead of time without a GPU by `python -m bench.kernels` (triton {result['triton']}), with "
+        f"{configs}: {suites} of the benchmark suites `bench/test_*.py` at their {result['shapes'].upper()} "
+        "shapes (`from` COCO), recorded on the CPU without executing a kernel;",
+        f"for a kernel no suite launches, {launches} of the op tests `tests/kernels` (`from` tests).",
+        "A row is the worst case over those launches (`var` counts them; `worst launch`: the launch's own",
+        "constexprs, i.e. output size, levels, mode, block sizes). Spills: local-memory bytes per thread;",
         "smem: shared memory of one block; occupancy: resident warps / 64, from registers, shared memory,",
         "threads and 32 blocks per SM as CUDA's occupancy calculator computes it. Plain `triton.jit` kernels",
         "show the options of their launch (`default`: 4 warps).",
@@ -629,11 +731,26 @@ def markdown(result: dict[str, Any]) -> str:
         a = ARCHS[arch]
         lines += ["", f"## {a.name} ({a.gpu}: 65536 regs, {a.threads_per_sm} threads, "
                   f"{a.smem_per_sm // 1024} KB shared memory, {a.blocks_per_sm} blocks per SM)", "",
-                  "| kernel | config | dtype | var | regs/thread | spills (B) | smem (B) | blocks/SM | occupancy |",
-                  "|---|---|---|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+                  "| kernel | config | dtype | from | var | regs/thread | spills (B) | smem (B) | blocks/SM "
+                  "| occupancy | worst launch |",
+                  "|---|---|---|---|--:|--:|--:|--:|--:|--:|---|"]  # fmt: skip
         for r in sorted((r for r in summary if r["arch"] == arch), key=lambda r: (r["kernel"], r["dtype"])):
-            lines.append(f"| {_short(r['kernel'])} | {r['config']} | {r['dtype']} | {r['variants']} | {r['regs']} "
-                         f"| {r['spills']} | {r['smem']} | {r['blocks']} | {r['occupancy']:.0%} |")  # fmt: skip
+            source = "COCO" if r["source"] == "coco" else "tests"
+            lines.append(f"| {_short(r['kernel'])} | {r['config']} | {r['dtype']} | {source} | {r['variants']} "
+                         f"| {r['regs']} | {r['spills']} | {r['smem']} | {r['blocks']} | {r['occupancy']:.0%} "
+                         f"| {r['launch']} |")  # fmt: skip
+    if any(r["arch"] == "90" for r in result["rows"]):
+        low = below_floor(result["rows"])
+        lines += ["", f"## Occupancy floor (sm_90): a config with no spills and >= {FLOOR_WARPS} resident warps "
+                  "per SM at every COCO launch", ""]  # fmt: skip
+        if not low:
+            lines.append("Every kernel's autotune space offers one at every COCO launch.")
+        else:
+            lines += [f"{len(low)} launches fall below it (the best config each has):", "",
+                      "| kernel | dtype | launch | best config | regs/thread | spills (B) | warps/SM | occupancy |",
+                      "|---|---|---|---|--:|--:|--:|--:|"]  # fmt: skip
+            lines += [f"| {_short(r['kernel'])} | {r['dtype']} | {r['launch']} | {r['config']} | {r['regs']} "
+                      f"| {r['spills']} | {r['warps']} | {r['occupancy']:.0%} |" for r in low]  # fmt: skip
     errors = [r for r in result["rows"] if "error" in r]
     if errors or result["problems"]:
         lines += ["", "## Problems", ""]
@@ -653,13 +770,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="cover",
         help="launches to compile per kernel and dtype: a cover of the recorded variety, or the heaviest one",
     )
+    parser.add_argument("--shapes", choices=("coco", "cpu"), default="coco", help="the suites' shapes to record")
     parser.add_argument("--only", default="", help="kernel modules, comma-separated substrings (e.g. roi_align,nms)")
     parser.add_argument("--out", type=Path, default=RESULTS / "kernels-sm90.md", help="markdown table to write")
     parser.add_argument("--json", type=Path, help="also write every compile as JSON here")
     parser.add_argument("--workers", type=int, help="parallel compiles (default: CPU count)")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
-    result = run(archs, args.sm80, args.select, [m for m in args.only.split(",") if m], args.workers)
+    result = run(archs, args.sm80, args.select, [m for m in args.only.split(",") if m], args.workers, args.shapes)
     text = markdown(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

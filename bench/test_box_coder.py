@@ -26,6 +26,7 @@ import torch
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 from torchvision.ops import clip_boxes_to_image
 
+from bench import coco_shapes
 from kernels.box_coder import decode_boxes
 
 PROVIDERS = ("torchvision", "ours")
@@ -38,9 +39,13 @@ CLASSES = {"rpn": 1, "head": 91}
 BOXES_PER_IMAGE = {"cuda": {"rpn": 10000, "head": 1000}, "cpu": {"rpn": 1000, "head": 100}}
 
 
+def _shapes(device: str) -> str:
+    return "cuda" if coco_shapes(device) else "cpu"
+
+
 def make_inputs(device: str, mode: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(deltas [R, K*4], boxes [R, 4])`` for 2 images, images concatenated; deltas ~ N(0, 1) regressions."""
-    per_image, K = BOXES_PER_IMAGE[device][mode], CLASSES[mode]
+    per_image, K = BOXES_PER_IMAGE[_shapes(device)][mode], CLASSES[mode]
     gen = torch.Generator().manual_seed(0)
     boxes = []
     for h, w in IMAGE_SIZES:
@@ -58,7 +63,7 @@ def setup_box_coder(
     """A callable decoding and clipping all boxes with ``provider`` -> ``Tensor[R, K, 4]`` (synchronised on CUDA)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     deltas, boxes = make_inputs(device, mode, dtype)
-    per_image, K, weights = BOXES_PER_IMAGE[device][mode], CLASSES[mode], WEIGHTS[mode]
+    per_image, K, weights = BOXES_PER_IMAGE[_shapes(device)][mode], CLASSES[mode], WEIGHTS[mode]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if provider == "torchvision":
         coder = TVBoxCoder(weights, CLIP)
@@ -89,7 +94,7 @@ def setup_box_coder(
 def box_coder_info(provider: str, mode: str, dtype: torch.dtype, device: str | None = None) -> dict:
     """The benchmark's ``extra_info``; ``bytes``: read deltas, boxes and sizes once, write the boxes once."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    R = len(IMAGE_SIZES) * BOXES_PER_IMAGE[device][mode]
+    R = len(IMAGE_SIZES) * BOXES_PER_IMAGE[_shapes(device)][mode]
     K = CLASSES[mode]
     return dict(
         op="decode_boxes",

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
 
+from bench import coco_shapes
 from kernels.mask_loss import mask_loss, maskrcnn_loss
 
 PROVIDERS = ("torchvision", "ours", "ours_fused")
@@ -63,7 +64,7 @@ def _fused(inputs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
 def setup_mask_loss(provider: str, mode: str = "full", device: str | None = None) -> Callable[[], object]:
     """A callable running one ``mode`` step of ``provider`` (synchronised on CUDA)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    inputs = make_inputs(device, **(CUDA_SHAPES if device == "cuda" else CPU_SHAPES))
+    inputs = make_inputs(device, **(CUDA_SHAPES if coco_shapes(device) else CPU_SHAPES))
     lists = (inputs["proposals"], inputs["gt_masks"], inputs["gt_labels"], inputs["idxs"])
     if provider == "torchvision":
         loss_fn = lambda x: tv_maskrcnn_loss(x, *lists)

@@ -25,8 +25,10 @@ from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 
 import mrcnn
+from bench import coco_shapes
 
 CUDA = torch.cuda.is_available()
+COCO = coco_shapes()  # the COCO size and ResNet-50 (BENCH_SHAPES=coco forces them on a CPU)
 # Compiled providers on CUDA only: inductor's compile of the model takes minutes on a small CPU.
 EAGER = ("torchvision", "ours")
 PROVIDERS = (*EAGER, "torchvision_compile", "ours_compile", "ours_cudagraphs") if CUDA else EAGER
@@ -55,13 +57,13 @@ def _images(device: str, size: tuple[int, int], gen: torch.Generator) -> tuple[l
 def setup_model(provider: str, mode: str) -> tuple[Callable[[], object], int]:
     """A callable running one training step or one inference of batch 2, and the images per call."""
     device = "cuda" if CUDA else "cpu"
-    size = (800, 1333) if CUDA else (128, 192)
+    size = (800, 1333) if COCO else (128, 192)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     # box_score_thresh=0: with random weights almost no detection passes 0.05, and torchvision would skip
     # the mask head that our static model always runs on detections_per_img slots; at 0 both run it on 100.
     kw = dict(min_size=size[0], max_size=size[1], box_score_thresh=0.0)
-    if CUDA:
+    if COCO:
         tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kw)
     else:
         # A ResNet-18 body on CPU: the same model code at a size a small CPU runs in seconds.
@@ -116,5 +118,5 @@ def setup_model(provider: str, mode: str) -> tuple[Callable[[], object], int]:
 def test_model(benchmark, provider: str, mode: str) -> None:
     fn, images = setup_model(provider, mode)
     benchmark.extra_info.update(op="mask_rcnn", mode=mode, provider=provider, images=images,
-                                shape="2x800x1333" if CUDA else "2x128x192", dtype="float32")  # fmt: skip
+                                shape="2x800x1333" if COCO else "2x128x192", dtype="float32")  # fmt: skip
     benchmark.pedantic(fn, rounds=5 if CUDA else 2, iterations=1, warmup_rounds=1 if CUDA else 0)

@@ -27,6 +27,7 @@ import pytest
 import torch
 import torchvision
 
+from bench import coco_shapes
 from kernels.nms import nms_fixed
 
 PROVIDERS = ("torchvision", "ours")
@@ -43,7 +44,7 @@ def make_inputs(device: str, mode: str) -> tuple[torch.Tensor, torch.Tensor, tor
     """``(boxes [B, N, 4], scores [B, N], idxs [B, N])``: boxes clustered around objects of an 800 x 1333
     image (so that NMS removes many), class ids in contiguous runs (the RPN's levels) or random (classes)."""
     n_cuda, n_cpu, classes, _, _ = SETTINGS[mode]
-    N = n_cuda if device == "cuda" else n_cpu
+    N = n_cuda if coco_shapes(device) else n_cpu
     gen = torch.Generator().manual_seed(0)
     objects = torch.rand(BATCH, 60, 4, generator=gen) * torch.tensor([1333.0, 800.0, 300.0, 300.0]) + 10
     which = torch.randint(0, 60, (BATCH, N), generator=gen)
@@ -93,7 +94,7 @@ def nms_info(provider: str, mode: str, device: str | None = None) -> dict:
     """The benchmark's ``extra_info``; ``bytes``: read boxes, scores and class ids once, write the kept slots."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     n_cuda, n_cpu, classes, thr, max_out = SETTINGS[mode]
-    N = n_cuda if device == "cuda" else n_cpu
+    N = n_cuda if coco_shapes(device) else n_cpu
     return dict(
         op="nms",
         shape=f"{BATCH}x{N}->{max_out}",

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_masks_in_image
 
+from bench import coco_shapes
 from kernels.paste_masks import paste_masks_in_image
 
 PROVIDERS = ("torchvision", "ours")
@@ -44,7 +45,7 @@ def make_inputs(
 
 
 def _shapes(device: str) -> dict:
-    return CUDA_SHAPES if device == "cuda" else CPU_SHAPES
+    return CUDA_SHAPES if coco_shapes(device) else CPU_SHAPES
 
 
 def setup_paste_masks(

@@ -26,6 +26,7 @@ import torch
 import torchvision
 
 import kernels
+from bench import coco_shapes
 
 CUDA = torch.cuda.is_available()
 PROVIDERS = ("torchvision", "ours")
@@ -35,7 +36,7 @@ OUTPUTS = (7, 14)
 DTYPES = (torch.float32, torch.bfloat16)
 SHAPES = (
     dict(image=(800, 1344), channels=256, rois_per_image=512)
-    if CUDA
+    if coco_shapes()
     else dict(image=(200, 336), channels=64, rois_per_image=64)
 )
 SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.kernels import SM80, SM90, occupancy, select
+from bench.kernels import SM80, SM90, below_floor, committed_hash, occupancy, select, sources_hash
 from bench.report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +39,12 @@ def test_copy(benchmark, provider, n):
 """
 
 
+def _suite_file(bench: dict) -> str:
+    """The file name of a benchmark's suite. ``fullname`` is relative to the rootdir pytest chose, which is
+    not the checkout when that lies inside the system's temporary directory (like the copy suite)."""
+    return Path(bench["fullname"].split("::")[0]).name
+
+
 @pytest.mark.slow
 def test_runner_quick_writes_json_table_and_chart(tmp_path: Path) -> None:
     suite = tmp_path / "test_copy.py"
@@ -58,12 +64,12 @@ def test_runner_quick_writes_json_table_and_chart(tmp_path: Path) -> None:
     assert set(results["versions"]) >= {"torch", "triton", "torchvision"}
     assert "commit" in results["git"]
     assert all("exit 0," in status for status in results["suites"].values()), results["suites"]
-    copies = [b for b in results["benchmarks"] if b["fullname"].startswith("test_copy.py")]
+    copies = [b for b in results["benchmarks"] if _suite_file(b) == "test_copy.py"]
     assert len(copies) == 4
     assert all({"p20", "p80", "median"} <= set(b["stats"]) and "data" not in b["stats"] for b in copies)
     for f in real:  # the real suite ran; bench/conftest.py's --quick kept one case per test and provider
         cases = [(b["fullname"].split("[")[0], (b["params"] or {}).get("provider")) for b in results["benchmarks"]
-                 if b["fullname"].startswith(f"bench/{f.name}")]  # fmt: skip
+                 if _suite_file(b) == f.name]  # fmt: skip
         assert cases and len(cases) == len(set(cases)), cases
 
     table = result_file.with_suffix(".md").read_text()
@@ -126,3 +132,30 @@ def test_select_covers_flags_and_largest_blocks_per_dtype() -> None:
     # fp32: BLOCK=64 (its largest) with FLAG=False, then FLAG=True; fp16: its one launch
     assert picked == [specimens[1], specimens[2], specimens[3]]
     assert select(specimens, first_only=True) == [specimens[1], specimens[3]]
+
+
+def test_committed_kernel_report_is_fresh() -> None:
+    """bench/results/kernels-sm90.md was made from the kernels and suites of this checkout."""
+    assert committed_hash() == sources_hash(), (
+        "bench/results/kernels-sm90.md is stale (kernels/, the suites or bench.kernels changed): "
+        "regenerate it with `python -m bench.kernels` (about 10 minutes on 2 cores) and commit it"
+    )
+
+
+def _row(config: str, launch: str, spills: int, blocks: int, warps: int = 4, source: str = "coco") -> dict:
+    return {"arch": "90", "kernel": "kernels.x:_x_fwd_kernel", "dtype": "fp32", "launch": launch, "config": config,
+            "source": source, "regs": 64, "spills": spills, "blocks": blocks, "num_warps": warps,
+            "occupancy": blocks * warps / 64}  # fmt: skip
+
+
+def test_below_floor_names_launches_without_a_lean_config() -> None:
+    rows = [
+        _row("A", "OUT=7", spills=0, blocks=4),  # 16 warps, no spills: OUT=7 is fine
+        _row("B", "OUT=7", spills=0, blocks=1),
+        _row("A", "OUT=14", spills=0, blocks=3),  # 12 warps
+        _row("B", "OUT=14", spills=8, blocks=8),  # 32 warps but spills
+        _row("A", "OUT=28", spills=0, blocks=1, source="tests"),  # not a COCO launch: not judged
+    ]
+    low = below_floor(rows)
+    assert [(r["launch"], r["config"], r["warps"]) for r in low] == [("OUT=14", "A", 12)]
+    assert below_floor([r for r in rows if r["launch"] == "OUT=7"]) == []

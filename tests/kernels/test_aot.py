@@ -6,9 +6,10 @@ compiles them with ``triton.compile`` for a GPU target, no GPU needed. This test
 subprocess without ``TRITON_INTERPRET`` (this process has it set by ``tests/conftest.py``, and compiling
 needs real ``JITFunction`` objects), as
 
-    python -m bench.kernels --select first --sm80 first
+    python -m bench.kernels --select first --sm80 first --shapes cpu
 
-that is, per kernel and dtype the heaviest recorded launch (largest block sizes, most flags), with every
+that is, per kernel and dtype the heaviest recorded launch (the suites at their CPU shapes: recording the
+model suite at COCO shapes alone takes minutes) (largest block sizes, most flags), with every
 autotune config for sm_90 and the first config for sm_80: about 150 compiles and 1-2 minutes on two cores.
 Every config on both targets and a cover of all recorded launches is ``python -m bench.kernels``, which
 writes ``bench/results/kernels-sm90.md``.
@@ -50,7 +51,7 @@ class _Summary:
 def aot(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("aot")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "bench.kernels", "--select", "first", "--sm80", "first",
+    cmd = [sys.executable, "-m", "bench.kernels", "--select", "first", "--sm80", "first", "--shapes", "cpu",
            "--json", str(out / "aot.json"), "--out", str(out / "aot.md")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert (out / "aot.json").exists(), f"bench.kernels wrote no results:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
