@@ -16,7 +16,7 @@
 # first, so that pytest prints its summary and writes its XML/JSON, SIGKILL 15 s later if it hangs.
 #   tests (140 s)  pytest -m cuda over tests/, no -x, 90 s per test (pytest-timeout, where installed):
 #                  tests.log, tests.xml (JUnit)
-#   ops   (150 s)  python -m bench, every suite but the model: ops.json (rewritten after each suite; a suite
+#   ops   (140 s)  python -m bench, every suite but the model: ops.json (rewritten after each suite; a suite
 #                  over its share gets SIGINT and keeps its finished rows), ops.log
 #   model  (95 s)  python -m bench --only model, eager providers before compiled ones: model.json, model.log
 #                  (the compiled providers may not fit: "partial", with the rows that did, is not a failure)
@@ -120,7 +120,7 @@ run_stage tests "${TESTS_S:-140}" "$PY" -m pytest tests -m "${GPU_TEST_MARKS:-cu
 
 # ---- (b) op benchmarks, (c) model benchmarks -----------------------------------------------------------
 # The runner's own budget ends 30 s before the stage's: imports and baselines, and the SIGINT grace.
-ops_s="${OPS_S:-150}"
+ops_s="${OPS_S:-140}"
 model_s="${MODEL_S:-$( ((dry_run)) && echo 150 || echo 95)}"  # the CPU's training steps take ~10 s each
 run_stage ops "$ops_s" "$PY" -m bench "${quick[@]}" --skip model --max-time 0.2 --time-budget $((ops_s - 30)) \
   --out-dir "$OUT" --name ops --no-report
