@@ -3,7 +3,7 @@
 # the op benchmarks and the model benchmarks at COCO shapes, each stage in its own time budget, every result
 # written under $OUT (the folder the device tool brings back).
 #
-#   bash bench/gpu.sh                    # on the GPU machine: all stages, at most ~7 minutes
+#   bash bench/gpu.sh                    # on the GPU machine: all stages, at most ~8 minutes
 #   bash bench/gpu.sh --stages tests     # rerun only what failed (tests, ops, model; comma-separated)
 #   bash bench/gpu.sh --dry-run          # here, on CPU: the same stages at the suites' CPU shapes (~2 min)
 #
@@ -12,16 +12,20 @@
 # PYTHONPATH, with --no-deps so that nothing of the machine's own is replaced; the repository itself is on
 # PYTHONPATH too (no install). TRITON_INTERPRET=0, not unset: tests/conftest.py defaults an unset one to 1.
 #
-# Stages (seconds: TESTS_S, OPS_S, MODEL_S override them). Each runs under `timeout -s INT -k 15`: SIGINT
-# first, so that pytest prints its summary and writes its XML/JSON, SIGKILL 15 s later if it hangs.
-#   tests (140 s)  pytest -m cuda over tests/, no -x, 90 s per test (pytest-timeout, where installed):
+# Stages (seconds: TESTS_S, OPS_S, PROFILE_S, MODEL_S override them; TESTS_K, a pytest -k expression, and
+# OPS_ONLY, suites as in python -m bench --only, narrow a rerun to what failed or ran out of time). Each runs under
+# `timeout -s INT -k 15`: SIGINT first, so that pytest prints its summary and writes its XML/JSON, SIGKILL 15 s
+# later if it hangs.
+#   tests (130 s)  pytest -m cuda over tests/, no -x, 90 s per test (pytest-timeout, where installed):
 #                  tests.log, tests.xml (JUnit)
-#   ops   (140 s)  python -m bench, every suite but the model: ops.json (rewritten after each suite; a suite
+#   ops   (150 s)  python -m bench, every suite but the model: ops.json (rewritten after each suite; a suite
 #                  over its share gets SIGINT and keeps its finished rows), ops.log
-#   model  (95 s)  python -m bench --only model, eager providers before compiled ones: model.json, model.log
+#   profile (40 s) python -m bench.profile: wall against device time per call of the mask-loss and RoIAlign
+#                  cases, with their heaviest kernels (is a slow row the host or the kernel?): profile.log
+#   model  (90 s)  python -m bench --only model, eager providers before compiled ones: model.json, model.log
 #                  (the compiled providers may not fit: "partial", with the rows that did, is not a failure)
 # Then gpu-status.md: the machine, the versions, one line per stage (passed / failed / timed out, seconds).
-# 7 files in $OUT, names of letters, digits, '.', '-' (the device brings back at most 8, 2 folders deep).
+# 8 files in $OUT, names of letters, digits, '.', '-' (the device brings back at most 8, 2 folders deep).
 # Tables and charts are made afterwards, here: python -m bench.report <file>.json.
 #
 # --dry-run: the CPU (CUDA_VISIBLE_DEVICES=""), the suites' CPU shapes, --quick benchmarks (one case per
@@ -32,13 +36,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 dry_run=0
-stages="tests,ops,model"
+stages="tests,ops,profile,model"
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --stages) stages="${2:?--stages needs a list}"; shift ;;
     --stages=*) stages="${1#*=}" ;;
-    *) echo "usage: bash bench/gpu.sh [--dry-run] [--stages tests,ops,model]" >&2; exit 2 ;;
+    *) echo "usage: bash bench/gpu.sh [--dry-run] [--stages tests,ops,profile,model]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -49,10 +53,12 @@ if ((dry_run)); then
   export CUDA_VISIBLE_DEVICES=""
   site="$(mktemp -d "${TMPDIR:-/tmp}/gpu-site.XXXXXX")"
   quick=(--quick)
+  quick_profile=(--steps 1)
 else
   OUT="${OUT:-bench/results/gpu-$(date -u +%F)}"
   site="${WHEEL_SITE:-/tmp/site}"
   quick=()
+  quick_profile=()
 fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -115,15 +121,19 @@ if "$PY" -c "import pytest_timeout" 2>/dev/null; then
 else
   note "pytest-timeout is not installed: no per-test timeout (the stage's timeout still holds)"
 fi
-run_stage tests "${TESTS_S:-140}" "$PY" -m pytest tests -m "${GPU_TEST_MARKS:-cuda}" -q -rfE -p no:cacheprovider \
-  -o addopts=--strict-markers --continue-on-collection-errors "${per_test[@]}" --junitxml="$OUT/tests.xml"
+select=()
+[[ -n "${TESTS_K:-}" ]] && select=(-k "$TESTS_K")
+run_stage tests "${TESTS_S:-130}" "$PY" -m pytest tests -m "${GPU_TEST_MARKS:-cuda}" "${select[@]}" -q -rfE \
+  -p no:cacheprovider -o addopts=--strict-markers --continue-on-collection-errors "${per_test[@]}" \
+  --junitxml="$OUT/tests.xml"
 
-# ---- (b) op benchmarks, (c) model benchmarks -----------------------------------------------------------
+# ---- (b) op benchmarks, (c) profile, (d) model benchmarks ----------------------------------------------
 # The runner's own budget ends 30 s before the stage's: imports and baselines, and the SIGINT grace.
-ops_s="${OPS_S:-140}"
-model_s="${MODEL_S:-$( ((dry_run)) && echo 150 || echo 95)}"  # the CPU's training steps take ~10 s each
-run_stage ops "$ops_s" "$PY" -m bench "${quick[@]}" --skip model --max-time 0.2 --time-budget $((ops_s - 30)) \
-  --out-dir "$OUT" --name ops --no-report
+ops_s="${OPS_S:-150}"
+model_s="${MODEL_S:-$( ((dry_run)) && echo 150 || echo 90)}"  # the CPU's training steps take ~10 s each
+run_stage ops "$ops_s" "$PY" -m bench "${quick[@]}" ${OPS_ONLY:+--only "$OPS_ONLY"} --skip model --max-time 0.2 \
+  --time-budget $((ops_s - 30)) --out-dir "$OUT" --name ops --no-report
+run_stage profile "${PROFILE_S:-40}" "$PY" -m bench.profile "${quick_profile[@]}"
 run_stage model "$model_s" "$PY" -m bench "${quick[@]}" --only model --time-budget $((model_s - 25)) \
   --out-dir "$OUT" --name model --no-report
 

@@ -108,9 +108,17 @@ def setup_mask_loss(provider: str, mode: str = "full", device: str | None = None
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_mask_loss(benchmark, provider: str, mode: str) -> None:
+    shapes = CUDA_SHAPES if coco_shapes() else CPU_SHAPES
+    R, K, M = shapes["num_rois"], shapes["num_classes"], shapes["mask_size"]
+    # The floor: the label channel of the logits read (forward), the whole gradient written (backward).
+    moved = {"forward": R * M * M * 4, "backward": R * K * M * M * 4}
+    moved["full"] = moved["forward"] + moved["backward"]
+    # Set before the run: a suite stopped by its time budget keeps the rows it finished, labelled.
+    benchmark.group = f"mask_loss-{mode}"
+    benchmark.extra_info.update(op="mask_loss", shape=f"{R}x{K}x{M}x{M}", dtype="float32", mode=mode,
+                                provider=provider, bytes=moved[mode])  # fmt: skip
     fn = setup_mask_loss(provider, mode)
     fn()  # warm-up: compiles and autotunes the kernels on CUDA
-    benchmark.group = f"mask_loss-{mode}"
     benchmark(fn)
 
 

@@ -19,7 +19,7 @@ from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_
 
 from kernels._backend import use_backend
 from kernels.mask_loss import EPS, mask_loss, maskrcnn_loss
-from tests.tolerances import tol
+from tests.tolerances import coordinate_atol, subnormal_atol, tol
 
 BACKENDS = ("triton", "torch")
 
@@ -540,4 +540,9 @@ def test_cuda_coco_shapes_match_torchvision(dtype: torch.dtype) -> None:
     got, got_grad = loss_and_grad(maskrcnn_loss, logits, proposals, gt_masks, gt_labels, idxs)
     scale = 256 * 28 * 28
     torch.testing.assert_close(got.float(), want, **tol(dtype))
-    torch.testing.assert_close(got_grad.float() * scale, want_grad * scale, **tol(dtype))
+    # At one pixel's scale the gradient is sigmoid(x) - target. Two terms beyond the dtype's rounding: targets
+    # sampled at float32 coordinates up to 1216 px (ours and torchvision's round differently; measured on an
+    # H200: 6.1e-5 for float32), and, in fp16, gradients of ~5e-6 that are subnormal (measured: 6.0e-3 scaled).
+    rtol, atol = tol(dtype).values()
+    atol += coordinate_atol(1216) + subnormal_atol(dtype) * scale
+    torch.testing.assert_close(got_grad.float() * scale, want_grad * scale, rtol=rtol, atol=atol)

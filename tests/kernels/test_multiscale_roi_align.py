@@ -78,7 +78,7 @@ def grads(fn, tensors: list[torch.Tensor], grad: torch.Tensor | None = None):
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     out = fn(leaves)
     if grad is None:
-        grad = torch.randn(out.shape, dtype=torch.float64).to(out.dtype)
+        grad = torch.randn(out.shape, dtype=torch.float64).to(out)  # out's dtype and device
     return out.detach(), list(torch.autograd.grad(out, leaves, grad, allow_unused=True)), grad
 
 
@@ -595,8 +595,15 @@ def test_cuda_module_matches_torchvision(dtype: torch.dtype) -> None:
     tv_out, tv_gs, _ = grads(lambda fs: theirs(dict(zip(NAMES, fs, strict=True)), [b.float() for b in boxes],
                                                image_shapes), up, grad.float())
     torch.testing.assert_close(out, tv_out.to(dtype), **tol(dtype))
-    for g, tv_g in zip(gs, tv_gs, strict=True):
-        torch.testing.assert_close(g, tv_g.to(dtype), **tol(dtype))
+    # Feature coordinates up to 336 px carry float32 errors of ~3e-5 px, which move bilinear weights by as much,
+    # and a gradient sums many of them (measured on an H200: 1.1e-4 against torchvision's float32 gradient). So
+    # the gradients may differ by twice torchvision's own float32 error on this input, against float64.
+    _, exact_gs, _ = grads(lambda fs: theirs(dict(zip(NAMES, fs, strict=True)), [b.double() for b in boxes],
+                                             image_shapes), [f.double() for f in features], grad.double())  # fmt: skip
+    rtol, atol = tol(dtype).values()
+    for g, tv_g, exact in zip(gs, tv_gs, exact_gs, strict=True):
+        tv_error = (tv_g.double() - exact).abs().max().item()
+        torch.testing.assert_close(g, tv_g.to(dtype), rtol=rtol, atol=atol + 2 * tv_error)
 
 
 @pytest.mark.cuda
