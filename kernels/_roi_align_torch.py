@@ -1,5 +1,7 @@
 """The torch implementation of RoIAlign (single- and multi-level), forward and backward: the CPU path.
 
+It runs on any device (``use_backend("torch")`` on CUDA tensors): every tensor it makes is on the inputs' device.
+
 The same math as the Triton kernels (see ``_roi_align_kernels``), vectorized over RoIs: each RoI's
 samples are padded to the largest sample grid of the call and masked, the four bilinear corners of
 every sample are gathered from a ``[N, H, W, C]`` view of the features, and the backward scatters the
@@ -63,7 +65,7 @@ def _plan(
         level = (lvl.clamp(k_min, k_max) - k_min).long()
         ok &= level < len(scales)
         level = torch.where(ok, level, 0)
-    scale = torch.tensor(scales, dtype=acc)[level]
+    scale = torch.tensor(scales, dtype=acc, device=r.device)[level]
     offset = 0.5 if aligned else 0.0
     start_x, start_y = x1 * scale - offset, y1 * scale - offset
     roi_w, roi_h = x2 * scale - offset - start_x, y2 * scale - offset - start_y
@@ -99,12 +101,12 @@ def _bin_samples(start, bin_size, grid, bins: int, size: int) -> tuple[torch.Ten
     Weights are 0 for padded samples (index >= the RoI's grid) and for samples outside the map.
     """
     G = max(int(grid.max()), 1)
-    s = torch.arange(G, dtype=start.dtype)
-    i = torch.arange(bins, dtype=start.dtype)
+    s = torch.arange(G, dtype=start.dtype, device=start.device)
+    i = torch.arange(bins, dtype=start.dtype, device=start.device)
     g = grid.clamp(min=1).to(start.dtype)[:, None, None]
     coord = start[:, None, None] + i[None, :, None] * bin_size[:, None, None] + (s + 0.5) * bin_size[:, None, None] / g
     inside, low, high, w_low, w_high = _axis(coord, size)
-    keep = inside & (torch.arange(G)[None, None, :] < grid[:, None, None])
+    keep = inside & (torch.arange(G, device=grid.device)[None, None, :] < grid[:, None, None])
     return low, high, w_low * keep, w_high * keep
 
 
@@ -153,8 +155,8 @@ def forward_torch(
     N, C = f0.shape[:2]
     K, (PH, PW) = rois.shape[0], pooled
     acc = acc_dtype(f0.dtype)
-    out = torch.zeros((K, PH, PW, C), dtype=acc)
-    argmax = torch.full((K, PH, PW, C), -1, dtype=torch.int32)
+    out = f0.new_zeros((K, PH, PW, C), dtype=acc)
+    argmax = f0.new_full((K, PH, PW, C), -1, dtype=torch.int32)
     if K and C:
         plan = _plan(rois, valid, N, scales, pooled, sampling_ratio, aligned, canonical, acc)
         for lvl, feat in enumerate(features):
@@ -170,14 +172,15 @@ def forward_torch(
                 flat = feat.permute(0, 2, 3, 1).reshape(-1, C).to(acc)
                 for ch in _chunks(idx, PH * PW * Gh * Gw * 4):
                     cols, weights = _avg_weights(plan, ch, pooled, H, W)
-                    crow = torch.arange(0, cols.numel() + 1, cols.shape[1])
+                    crow = torch.arange(0, cols.numel() + 1, cols.shape[1], device=cols.device)
                     shape = (cols.shape[0], flat.shape[0])
                     with warnings.catch_warnings():  # "CSR support is in beta": this use is covered by tests
                         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
                         matrix = torch.sparse_csr_tensor(
-                            crow, cols.flatten(), weights.flatten(), shape, check_invariants=False
+                            crow, cols.flatten(), weights.flatten(), shape, device=flat.device, check_invariants=False
                         )
-                    with torch.autocast("cpu", enabled=False):  # autocast would cast the product to bf16
+                    # Autocast would cast the product to a half type (bf16 on the CPU, fp16 on CUDA).
+                    with torch.autocast(flat.device.type, enabled=False):
                         out[ch] = (matrix @ flat).view(len(ch), PH, PW, C)
                 continue
             fhwc = feat.permute(0, 2, 3, 1)
@@ -192,8 +195,8 @@ def forward_torch(
                         val = val + (wya[:, :, :, None, None] * wxb[:, None, None, :, :])[..., None] * v
                 # val: [k, PH, Gh, PW, Gw, C]; the max over a bin's samples, first maximum wins
                 gy, gx = val.shape[2], val.shape[4]
-                exists = (torch.arange(gy)[None, :, None] < plan.grid_h[ch][:, None, None]) & (
-                    torch.arange(gx)[None, None, :] < plan.grid_w[ch][:, None, None]
+                exists = (torch.arange(gy, device=val.device)[None, :, None] < plan.grid_h[ch][:, None, None]) & (
+                    torch.arange(gx, device=val.device)[None, None, :] < plan.grid_w[ch][:, None, None]
                 )
                 val = val.permute(0, 1, 3, 5, 2, 4).flatten(-2)
                 val = torch.where(exists.flatten(1)[:, None, None, None, :], val, float("-inf"))
@@ -226,7 +229,7 @@ def backward_torch(
     N, K, C = batch_size, rois.shape[0], grad.shape[1]
     PH, PW = pooled
     acc = acc_dtype(grad.dtype)
-    grads = [torch.zeros((N, h, w, C), dtype=acc) for h, w in level_shapes]
+    grads = [grad.new_zeros((N, h, w, C), dtype=acc) for h, w in level_shapes]
     if K and C and N:
         plan = _plan(rois, valid, N, scales, pooled, sampling_ratio, aligned, canonical, acc)
         g_all = grad.permute(0, 2, 3, 1).to(acc)  # [K, PH, PW, C]
@@ -257,8 +260,8 @@ def _scatter_argmax(
     arg = arg.long()
     gh = plan.grid_h[idx].clamp(min=1)[:, None, None, None]
     gw = plan.grid_w[idx].clamp(min=1)[:, None, None, None]
-    i = torch.arange(PH, dtype=acc)[None, :, None, None]
-    j = torch.arange(PW, dtype=acc)[None, None, :, None]
+    i = torch.arange(PH, dtype=acc, device=g.device)[None, :, None, None]
+    j = torch.arange(PW, dtype=acc, device=g.device)[None, None, :, None]
     bh, bw = plan.bin_h[idx][:, None, None, None], plan.bin_w[idx][:, None, None, None]
     y = plan.start_y[idx][:, None, None, None] + i * bh + ((arg // gw) + 0.5) * bh / gh
     x = plan.start_x[idx][:, None, None, None] + j * bw + ((arg % gw) + 0.5) * bw / gw
@@ -266,7 +269,7 @@ def _scatter_argmax(
     in_x, x_lo, x_hi, hx, lx = _axis(x, W)
     g = g * (in_y & in_x & (arg >= 0))
     n = plan.n[idx][:, None, None, None]
-    c = torch.arange(g.shape[3])[None, None, None, :]
+    c = torch.arange(g.shape[3], device=g.device)[None, None, None, :]
     for ya, wy in ((y_lo, hy), (y_hi, ly)):
         for xb, wx in ((x_lo, hx), (x_hi, lx)):
             grad_in.index_put_((n, ya, xb, c), g * wy * wx, accumulate=True)

@@ -19,9 +19,9 @@ Two kernels, as torchvision's CUDA NMS, but with the greedy walk on the device:
 
 1. ``_nms_mask_kernel``: the suppression matrix of the sorted boxes as bits, ``mask[b, i, w]`` bit ``t`` =
    "sorted box ``i`` suppresses sorted box ``64 w + t``", only for ``64 w + t > i``. Grid ``(ceil(N/64),
-   ceil(N/64), B)``; programs below the diagonal exit at once. Cost: ``B N^2 / 2`` IoUs and
-   ``B N ceil(N/64) 8`` bytes of mask (12.5 MB per row at N = 10k; the memory is quadratic in N, as in
-   torchvision — select a top-k before a very large NMS).
+   ceil(N/BLOCK_ROWS), B)`` (BLOCK_ROWS autotuned, 16-64); programs below the diagonal exit at once.
+   Cost: ``B N^2 / 2`` IoUs and ``B N ceil(N/64) 8`` bytes of mask (12.5 MB per row at N = 10k; the
+   memory is quadratic in N, as in torchvision — select a top-k before a very large NMS).
 2. ``_nms_sweep_kernel``: one program per batch row walks the sorted boxes in blocks of 64, with
    ``removed`` (one bit per box, ``ceil(N/64)`` words) in registers. Per block, 64 unrolled steps:
    box ``t`` is kept iff its bit of the block's word (``removed`` plus the invalid and out-of-range
@@ -63,22 +63,44 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._backend import FLOAT_DTYPES, acc_dtype, backend_for, check_tensor
+from ._backend import FLOAT_DTYPES, acc_dtype, autotune_configs, backend_for, check_tensor
 from ._triton_utils import ieee_div, loop_bound, round_to
 
 __all__ = ["nms", "batched_nms", "nms_fixed"]
 
 _WORD = 64  # bits per mask word (int64) = boxes per block of the sweep
 _IDX_DTYPES = (torch.int32, torch.int64)
-# Launch configurations, fixed: autotuning's benchmarking synchronises the host and cannot run inside a
-# CUDA graph capture, which nms_fixed must survive. ptxas -v for sm_90 (not yet timed on a GPU): the
-# mask kernel's 64 x 64 tile with 8 warps uses 192 registers, no spills; the sweep with 8 warps (one
-# program per row, so it owns its SM's register file) uses <= 255 registers and no spills up to
-# NUM_WORDS_PAD = 256 (N <= 16384, the RPN's ~10k included); above that it spills (~400 bytes at 512
-# words, ~6 KB at 1024).
 _OUT_BLOCK = 1024
+# Both kernels are autotuned. Every config overwrites all it writes (mask words; keep, keep_valid, count),
+# so the autotuner's repeated runs need no reset. The first launch of a key benchmarks the configs, which
+# synchronises the host: a CUDA graph capture of nms_fixed must follow a call with the same flags, dtypes
+# and NUM_WORDS_PAD, as torch.compile's CUDA graphs (they run before they record) and the CUDA graph test
+# do. The keys never hold N: NUM_WORDS_PAD is its power-of-two bucket, which compiles a kernel of its own.
 
 
+def _mask_configs() -> list[triton.Config]:
+    """The first is the launch the H200 measured (with the sweep's first, nms ran 3.7-7x faster than
+    torchvision's), and the interpreter's (the fewest programs): a 64 x 64 tile on 8 warps, 16 pairs per
+    thread at 177 registers on sm_90, 8 resident warps per SM. The others hold 8 pairs per thread and no
+    spills (ptxas, sm_90): 64 rows on 16 warps at 90 registers (16 warps per SM), 32 rows on 8 warps and 16
+    rows on 4 warps at 80 (24 warps per SM)."""
+    return [
+        triton.Config({"BLOCK_ROWS": 64}, num_warps=8),
+        triton.Config({"BLOCK_ROWS": 64}, num_warps=16),
+        triton.Config({"BLOCK_ROWS": 32}, num_warps=8),
+        triton.Config({"BLOCK_ROWS": 16}, num_warps=4),
+    ]
+
+
+def _sweep_configs() -> list[triton.Config]:
+    """The first is the launch the H200 measured: 8 warps, at 255 registers on sm_90 (8 resident warps per
+    SM; the sweep runs B programs, so the latency of its chain of steps matters more than occupancy).
+    16 warps cap a thread at 128 registers: ptxas then uses 64-128 with no spills up to NUM_WORDS_PAD =
+    1024 (16-32 warps per SM)."""
+    return [triton.Config({}, num_warps=8), triton.Config({}, num_warps=16)]
+
+
+@triton.autotune(configs=autotune_configs(_mask_configs()), key=["HAS_IDXS"])
 @triton.jit(do_not_specialize=["num_boxes"])
 def _nms_mask_kernel(
     # pointers
@@ -93,7 +115,9 @@ def _nms_mask_kernel(
     # meta
     HAS_IDXS: tl.constexpr, BLOCK_ROWS: tl.constexpr, WORD: tl.constexpr,
 ):  # fmt: skip
-    """Word ``program_id(0)`` of the suppression bits of ``BLOCK_ROWS`` sorted boxes of row ``program_id(2)``.
+    """Word ``program_id(0)`` of the suppression bits of ``BLOCK_ROWS`` sorted boxes of row ``program_id(2)``;
+    grid ``(ceil(N/WORD), ceil(N/BLOCK_ROWS), B)``. BLOCK_ROWS (autotuned) divides WORD, so a block of rows
+    shares its diagonal word.
 
     boxes_ptr: [B, N, 4] (unsorted); order_ptr: [B, N] int64, sorted position -> box index;
     idxs_ptr: [B, N] int class ids, read when HAS_IDXS; mask_ptr: [B, N, ceil(N/64)] int64, written
@@ -149,6 +173,7 @@ def _nms_mask_kernel(
         tl.store(mask_ptr + b * mask_stride_b + rows * mask_stride_n + word * mask_stride_w, words, mask=row_ok)
 
 
+@triton.autotune(configs=autotune_configs(_sweep_configs()), key=["HAS_VALID", "NUM_WORDS_PAD"])
 @triton.jit(do_not_specialize=["num_boxes", "max_out"])
 def _nms_sweep_kernel(
     # pointers
@@ -226,13 +251,14 @@ def _effective_threshold(iou_threshold: float, dtype: torch.dtype, device: torch
     for float32 boxes) with the float64 threshold, and ``iou > t`` equals ``iou > largest float32 <= t``.
     """
     t = float(iou_threshold)
+    # Host scalars whatever the default device (torch.set_default_device("cuda") would make each .item() a sync).
     if device.type == "cuda":
-        return torch.tensor(t, dtype=torch.float32).item()
+        return torch.tensor(t, dtype=torch.float32, device="cpu").item()
     if acc_dtype(dtype) == torch.float64 or math.isnan(t):
         return t
-    t32 = torch.tensor(t, dtype=torch.float32)
+    t32 = torch.tensor(t, dtype=torch.float32, device="cpu")
     if t32.item() > t:
-        t32 = torch.nextafter(t32, torch.tensor(-math.inf))
+        t32 = torch.nextafter(t32, torch.tensor(-math.inf, device="cpu"))
     return t32.item()
 
 
@@ -282,14 +308,15 @@ def _nms_sorted_triton(boxes, order, idxs, valid, threshold, max_out, keep, keep
     num_words = triton.cdiv(N, _WORD)
     mask = torch.empty((B, N, num_words), dtype=torch.int64, device=boxes.device)
     ix = idxs if idxs is not None else order
-    _nms_mask_kernel[(num_words, num_words, B)](
+    grid = lambda meta: (num_words, triton.cdiv(N, meta["BLOCK_ROWS"]), B)
+    _nms_mask_kernel[grid](
         boxes, order, ix, mask,
         N,
         boxes.stride(0), boxes.stride(1), boxes.stride(2), order.stride(0), order.stride(1),
         ix.stride(0), ix.stride(1), mask.stride(0), mask.stride(1), mask.stride(2),
         threshold,
-        HAS_IDXS=idxs is not None, BLOCK_ROWS=_WORD, WORD=_WORD,
-        num_warps=8, enable_fp_fusion=False,  # no FMA: IoUs rounded operation by operation
+        HAS_IDXS=idxs is not None, WORD=_WORD,
+        enable_fp_fusion=False,  # no FMA: IoUs rounded operation by operation
     )  # fmt: skip
     words_pad = max(16, triton.next_power_of_2(num_words))
     v = valid if valid is not None else keep_valid
@@ -299,7 +326,6 @@ def _nms_sorted_triton(boxes, order, idxs, valid, threshold, max_out, keep, keep
         mask.stride(0), mask.stride(1), mask.stride(2), order.stride(0), order.stride(1),
         v.stride(0), v.stride(1), keep.stride(0), keep.stride(1), keep_valid.stride(0), keep_valid.stride(1),
         HAS_VALID=valid is not None, NUM_WORDS_PAD=words_pad, WORD=_WORD, OUT_BLOCK=_OUT_BLOCK,
-        num_warps=8,
     )  # fmt: skip
 
 
@@ -460,6 +486,9 @@ def nms_fixed(
     idxs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Batched greedy NMS with a fixed-size result and no host synchronisation (CUDA graphs, ``fullgraph``).
+
+    On a GPU the first call with new flags, dtypes or ``ceil(N/64)`` power-of-two bucket autotunes the kernels,
+    which synchronises the host once: capture a CUDA graph after such a call (warm-up), not during it.
 
     Per row ``b``: the first ``max_out`` indices that ``nms(boxes[b][valid[b]], ...)`` (or ``batched_nms``
     with ``idxs[b]``) would keep, as indices into ``boxes[b]``, by decreasing score, padded.

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from kernels._backend import use_backend
 from kernels.roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
+from tests.kernels.roi_align_tiles import bins_fast_tiles
 from tests.reference import (
     boxes_to_rois,
     fpn_level,
@@ -39,9 +40,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NAMES = ["p2", "p3", "p4", "p5"]
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=[*BACKENDS, "triton-bins-fast"])
 def backend(request: pytest.FixtureRequest):
-    with use_backend(request.param):
+    tiles = bins_fast_tiles() if request.param == "triton-bins-fast" else contextlib.nullcontext()
+    with use_backend(request.param.removesuffix("-bins-fast")), tiles:
         yield request.param
 
 

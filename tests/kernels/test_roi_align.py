@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from kernels._backend import use_backend
 from kernels.roi_align import RoIAlign, roi_align
+from tests.kernels.roi_align_tiles import bins_fast_tiles
 from tests.reference import (
     boxes_to_rois,
     roi_align_ref,
@@ -34,9 +35,10 @@ BACKENDS = ("triton", "torch")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=[*BACKENDS, "triton-bins-fast"])
 def backend(request: pytest.FixtureRequest):
-    with use_backend(request.param):
+    tiles = bins_fast_tiles() if request.param == "triton-bins-fast" else contextlib.nullcontext()
+    with use_backend(request.param.removesuffix("-bins-fast")), tiles:
         yield request.param
 
 
