@@ -12,33 +12,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 import kernels
 
 from .checkpoint import load_model
-from .data import to_coco_results
+from .data import read_image, to_coco_results
 from .evaluate import reexec_for_cpu, write_json
 from .visualize import draw_detections
 
 __all__ = ["main", "read_image"]
-
-
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """``Tensor[3, h, w]`` float32 in [0, 1]; grayscale, palette and RGBA files become RGB."""
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-    return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -7,6 +7,7 @@ int64 in ``1..num_classes``, ``masks`` ``Tensor[n, h, w]`` uint8, ``image_id`` i
 ``Tensor[n]`` float32, ``iscrowd`` ``Tensor[n]`` int64. Both datasets expose ``num_classes``,
 ``classes`` (names by label), ``label_to_cat`` / ``cat_to_label`` (label <-> COCO category id), and
 ``coco_ground_truth(dataset)`` gives the pycocotools index that ``coco_evaluate`` scores against.
+``read_image`` reads an image file as training and ``mrcnn.predict`` do.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Subset
 
 from .coco import CocoDataset, coco_evaluate, coco_from_dict, to_coco_results
+from .image import read_image
 from .shapes import CLASSES, ShapesDataset, to_coco, write_coco
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "coco_from_dict",
     "coco_ground_truth",
     "collate_list",
+    "read_image",
     "to_coco",
     "to_coco_results",
     "write_coco",

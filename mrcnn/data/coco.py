@@ -15,10 +15,27 @@ detection format), built as torchvision's detection references build it
 * category ids map to contiguous labels ``1..K`` in increasing id order (``cat_to_label``,
   ``label_to_cat``); 0 is background.
 
-Broken data fails loudly at construction, naming the file and the offending id: a missing
-annotation file or image file (``FileNotFoundError``), malformed JSON, an annotation whose image or
-category does not exist, a duplicate id, or a segmentation of the wrong form or size
-(``ValueError``). An image whose size differs from its record fails when it is read.
+Broken data fails loudly at construction, naming the file and the offending image, category or
+annotation id (an annotation's image id too): a missing annotation file or image file
+(``FileNotFoundError``); otherwise ``ValueError``, for malformed JSON, ``images`` / ``categories`` /
+``annotations`` that are not lists, an id that is not an integer or repeats, an annotation whose image or
+category does not exist, and any field pycocotools would misread, crash or run out of memory on -- all
+checked before pycocotools sees them:
+
+* image ``height`` and ``width``: positive integers whose product is at most what PIL opens (twice
+  ``PIL.Image.MAX_IMAGE_PIXELS``) and below 2**31 (pycocotools indexes pixels with 32-bit integers);
+  ``file_name`` a string;
+* ``bbox``: four finite numbers; ``iscrowd``: 0 or 1; ``area``: a finite number >= 0;
+* polygon coordinates: numbers in ``x, y`` pairs (an odd count is an error, not truncated), finite and
+  within one image size of the image (``-w <= x <= 2w``, ``-h <= y <= 2h``; pycocotools rasterises
+  beyond the image and clips), with an outline (the sum of each edge's longer side) at most
+  ``POLYGON_OUTLINE_LIMIT x (h + w)``, as pycocotools' memory grows with it;
+* RLE: ``size`` ``[h, w]`` of the image; ``counts`` non-negative integers (or a compressed string,
+  decoded here) whose runs add up to exactly ``h x w`` pixels.
+
+An image file whose size differs from its record, that PIL cannot decode, or past PIL's
+decompression-bomb limit fails when it is read (``image.read_image``), naming the annotation file,
+the image id and the image file.
 
 Evaluation: ``to_coco_results`` turns torchvision-format predictions into COCO results and
 ``coco_evaluate`` runs COCOeval for boxes and masks, with pycocotools' printing captured.
@@ -30,16 +47,21 @@ import contextlib
 import io
 import json
 import logging
+import math
+import operator
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Dataset
+
+from .image import read_image
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +99,131 @@ def _load_json(path: str) -> dict[str, Any]:
     return data
 
 
+# A polygon's outline may be at most this many times (height + width): pycocotools rasterises a polygon
+# by upsampling its outline 5x into int arrays, so its memory grows with the outline, not the image. A
+# polygon tracing the image border has 2x; real ones stay far below 50x.
+POLYGON_OUTLINE_LIMIT = 50
+
+
+# JSON numbers as json.load gives them (bool is an int in Python, but not a number in JSON).
+_NUMBER_TYPES = frozenset({int, float})
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in _NUMBER_TYPES
+
+
+def _all_numbers(values: list[Any]) -> bool:
+    """Whether every value is a JSON number; builtins only, as it runs on every polygon of a file."""
+    return set(map(type, values)) <= _NUMBER_TYPES
+
+
+def _max_pixels() -> int:
+    """The most pixels an image record may have: what PIL opens (read now, as users may change PIL's limit)
+    and below 2**31, as pycocotools' polygon rasterisation indexes pixels with 32-bit integers."""
+    limit = 2**31 - 1
+    return limit if Image.MAX_IMAGE_PIXELS is None else min(limit, 2 * Image.MAX_IMAGE_PIXELS)
+
+
+def _check_polygon(part: Any, index: int, h: int, w: int) -> None:
+    """Raise ValueError unless ``part``, the segmentation's polygon ``index``, is one pycocotools rasterises
+    safely (module docstring). Every polygon of a file passes here, so the checks are builtins over whole
+    lists (several times faster than a Python loop over points, or numpy for COCO's ~20 points a polygon);
+    only a failure looks at single points, for the message."""
+    if not isinstance(part, list):
+        raise ValueError(f"polygon {index} must be a list of coordinates; got {part!r:.200}")
+    if len(part) % 2:
+        raise ValueError(f"polygon {index} has an odd number of values ({len(part)}); coordinates come in x, y pairs")
+    if not part:
+        return
+    xs, ys = part[0::2], part[1::2]
+    # A sum is NaN or infinite when a term is, or when terms are far out of range.
+    if not (
+        _all_numbers(part)
+        and -math.inf < sum(part) < math.inf
+        and -w <= min(xs) <= max(xs) <= 2 * w
+        and -h <= min(ys) <= max(ys) <= 2 * h
+    ):
+        bad = next(i for i, (x, y) in enumerate(zip(xs, ys, strict=True)) if not _point_ok(x, y, h, w))
+        raise ValueError(
+            f"polygon {index}, point {bad} ({xs[bad]!r}, {ys[bad]!r}): not a pair of finite numbers within one "
+            f"image size of the {h} x {w} image (x in [{-w}, {2 * w}], y in [{-h}, {2 * h}])"
+        )
+    # pycocotools walks each edge (the closing one too) in max(|dx|, |dy|) steps.
+    dxs = map(abs, map(operator.sub, xs, xs[-1:] + xs[:-1]))
+    outline = sum(map(max, dxs, map(abs, map(operator.sub, ys, ys[-1:] + ys[:-1]))))
+    limit = POLYGON_OUTLINE_LIMIT * (h + w)
+    if outline > limit:
+        raise ValueError(
+            f"polygon {index}: its outline of {outline:.0f} px is longer than {POLYGON_OUTLINE_LIMIT} x "
+            f"(height + width) = {limit} px"
+        )
+
+
+def _point_ok(x: Any, y: Any, h: int, w: int) -> bool:
+    """The per-point form of ``_check_polygon``'s test (comparisons with NaN are False)."""
+    return _is_number(x) and _is_number(y) and -w <= x <= 2 * w and -h <= y <= 2 * h
+
+
+def _rle_string_counts(s: str) -> list[int]:
+    """The run lengths of a compressed COCO RLE string, parsed as pycocotools' ``rleFrString`` does.
+
+    pycocotools parses such strings unchecked (it reads past the end of a string that stops inside a
+    value, and overflows on a value of more than 6 characters); those are errors here, so that every
+    string accepted here means to pycocotools what it means here. Each value is 5-bit chunks, lowest
+    first, each written as ``chr(48 + chunk)``, plus 32 when another chunk follows; bit 4 of the last
+    chunk is the sign. From the fourth value on, a value is stored as its difference to the value two
+    before (pycocotools' ``m > 2``).
+    """
+    counts: list[int] = []
+    value = chunks = 0
+    for position, char in enumerate(s):
+        c = ord(char) - 48
+        if not 0 <= c < 64:
+            raise ValueError(f"compressed RLE counts: character {char!r} at {position} is outside '0'..'o'")
+        value |= (c & 0x1F) << (5 * chunks)
+        chunks += 1
+        if c & 0x20:
+            if chunks == 6:
+                raise ValueError(f"compressed RLE counts: a value longer than 6 characters ends at {position}")
+            continue
+        if c & 0x10:
+            value -= 1 << (5 * chunks)  # sign-extend
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+        value = chunks = 0
+    if chunks:
+        raise ValueError("compressed RLE counts: the string ends inside a value")
+    return counts
+
+
+def _check_rle(segm: dict[str, Any], h: int, w: int) -> None:
+    """Raise ValueError unless ``segm`` is an RLE of exactly the ``h x w`` image's pixels: pycocotools
+    decodes a short one into uninitialised memory and may write past the end of a long one."""
+    size = segm["size"]
+    if not (isinstance(size, list) and all(type(v) is int for v in size) and size == [h, w]):
+        raise ValueError(f"RLE size {size!r} differs from the image's [height, width] [{h}, {w}]")
+    counts = segm["counts"]
+    if isinstance(counts, str):
+        counts = _rle_string_counts(counts)
+    elif not isinstance(counts, list):
+        raise ValueError(f"RLE counts must be a list of run lengths or a compressed RLE string; got {counts!r}")
+    if not all(type(c) is int and c >= 0 for c in counts):
+        i, c = next((i, c) for i, c in enumerate(counts) if not (type(c) is int and c >= 0))
+        raise ValueError(f"RLE counts must be non-negative integers; run {i} is {c!r}")
+    if sum(counts) != h * w:
+        raise ValueError(f"RLE runs add up to {sum(counts)} pixels, not the image's {h} x {w} = {h * w}")
+
+
 def _check_segmentation(segm: Any, h: int, w: int) -> None:
-    """Raise ValueError unless ``segm`` is a form pycocotools reads, for an ``h x w`` image (cheap:
-    nothing is decoded, so that checking all of COCO's annotations stays fast)."""
+    """Raise ValueError unless ``segm`` is a form pycocotools reads safely, for an ``h x w`` image
+    (nothing is decoded, so that checking all of COCO's annotations stays fast)."""
     if isinstance(segm, list):
-        if not all(isinstance(p, list) for p in segm):
-            raise ValueError("polygon segmentation must be a list of coordinate lists")
+        for index, part in enumerate(segm):
+            _check_polygon(part, index, h, w)
     elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
-        if list(segm["size"]) != [h, w]:
-            raise ValueError(f"RLE size {segm['size']} differs from the image's [height, width] [{h}, {w}]")
+        _check_rle(segm, h, w)
     else:
         raise ValueError("segmentation must be a list of polygons or an RLE dict with 'counts' and 'size'")
 
@@ -102,63 +240,78 @@ def _segmentation_rle(segm: Any, h: int, w: int) -> dict[str, Any]:
     return segm
 
 
+def _list_field(data: dict[str, Any], key: str, path: str) -> list[Any]:
+    """``data[key]`` (set to ``[]`` when absent), which must be a list."""
+    value = data.setdefault(key, [])
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: {key!r} must be a list; got {value!r:.80}")
+    return value
+
+
+def _check_id(record: Any, kind: str, path: str, seen: dict[int, dict[str, Any]]) -> int:
+    """The ``id`` of an image / category / annotation record, which must be an integer (ids of mixed
+    types would neither match nor sort) not in ``seen``; the record is added to ``seen``."""
+    if not isinstance(record, dict) or "id" not in record:
+        raise ValueError(f"{path}: {kind} record without an 'id': {record!r:.200}")
+    record_id = record["id"]
+    if type(record_id) is not int:
+        raise ValueError(f"{path}: {kind} id {record_id!r} is not an integer")
+    if record_id in seen:
+        raise ValueError(f"{path}: duplicate {kind} id {record_id}")
+    seen[record_id] = record
+    return record_id
+
+
 def _check_and_complete(data: dict[str, Any], path: str) -> None:
-    """Validate references and forms; fill ``iscrowd`` (0) and ``area`` (mask area) where absent."""
+    """Validate references, types and forms (module docstring); fill ``iscrowd`` (0) and ``area`` (mask
+    area) where absent."""
     images: dict[int, dict[str, Any]] = {}
     for img in data["images"]:
-        if not isinstance(img, dict) or not all(k in img for k in ("id", "file_name", "height", "width")):
-            raise ValueError(f"{path}: image record {img!r} needs 'id', 'file_name', 'height' and 'width'")
-        if img["id"] in images:
-            raise ValueError(f"{path}: duplicate image id {img['id']}")
-        images[img["id"]] = img
-    categories = data.setdefault("categories", [])
-    cat_ids = set()
-    for cat in categories:
-        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
-            raise ValueError(f"{path}: category record {cat!r} needs 'id' and 'name'")
-        if cat["id"] in cat_ids:
-            raise ValueError(f"{path}: duplicate category id {cat['id']}")
-        cat_ids.add(cat["id"])
-    ann_ids = set()
-    for ann in data.get("annotations", []):
-        if not isinstance(ann, dict) or "id" not in ann:
-            raise ValueError(f"{path}: annotation record without an 'id': {ann!r}")
-        where = f"{path}: annotation {ann['id']}"
-        if ann["id"] in ann_ids:
-            raise ValueError(f"{where}: duplicate annotation id")
-        ann_ids.add(ann["id"])
+        image_id = _check_id(img, "image", path, images)
+        where = f"{path}: image {image_id}"
+        missing = [k for k in ("file_name", "height", "width") if k not in img]
+        if missing:
+            raise ValueError(f"{where}: missing {missing}")
+        h, w = img["height"], img["width"]
+        if not (type(h) is int and type(w) is int and h > 0 and w > 0):
+            raise ValueError(f"{where}: height and width must be positive integers; got {h!r} and {w!r}")
+        if h * w > _max_pixels():
+            raise ValueError(
+                f"{where}: {h} x {w} = {h * w} pixels is more than {_max_pixels()}, the most an image may have "
+                "(twice PIL.Image.MAX_IMAGE_PIXELS, and below 2**31)"
+            )
+        if not isinstance(img["file_name"], str) or not img["file_name"] or "\0" in img["file_name"]:
+            raise ValueError(f"{where}: file_name must be a non-empty string; got {img['file_name']!r}")
+    cat_ids: dict[int, dict[str, Any]] = {}
+    for cat in _list_field(data, "categories", path):
+        cat_id = _check_id(cat, "category", path, cat_ids)
+        if not isinstance(cat.get("name"), str):
+            raise ValueError(f"{path}: category {cat_id}: 'name' must be a string; got {cat.get('name')!r}")
+    ann_ids: dict[int, dict[str, Any]] = {}
+    for ann in _list_field(data, "annotations", path):
+        where = f"{path}: annotation {_check_id(ann, 'annotation', path, ann_ids)}"
         missing = [k for k in ("image_id", "category_id", "bbox", "segmentation") if k not in ann]
         if missing:
             raise ValueError(f"{where}: missing {missing}")
-        img = images.get(ann["image_id"])
+        img = images.get(ann["image_id"]) if type(ann["image_id"]) is int else None
         if img is None:
-            raise ValueError(f"{where}: image_id {ann['image_id']} has no image record")
-        if ann["category_id"] not in cat_ids:
-            raise ValueError(f"{where}: category_id {ann['category_id']} has no category record")
+            raise ValueError(f"{where}: image_id {ann['image_id']!r} has no image record")
+        if type(ann["category_id"]) is not int or ann["category_id"] not in cat_ids:
+            raise ValueError(f"{where}: category_id {ann['category_id']!r} has no category record")
+        where = f"{where} (image {ann['image_id']})"
         bbox = ann["bbox"]
-        if not isinstance(bbox, list) or len(bbox) != 4:
-            raise ValueError(f"{where}: bbox must be [x, y, w, h]; got {bbox!r}")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and _all_numbers(bbox) and all(map(math.isfinite, bbox))):
+            raise ValueError(f"{where}: bbox must be [x, y, w, h], four finite numbers; got {bbox!r:.200}")
+        if ann.setdefault("iscrowd", 0) not in (0, 1):
+            raise ValueError(f"{where}: iscrowd must be 0 or 1; got {ann['iscrowd']!r}")
+        if "area" in ann and not (_is_number(ann["area"]) and 0 <= ann["area"] < math.inf):
+            raise ValueError(f"{where}: area must be a finite number >= 0; got {ann['area']!r}")
         try:
             _check_segmentation(ann["segmentation"], img["height"], img["width"])
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
-        ann.setdefault("iscrowd", 0)
         if "area" not in ann:
             ann["area"] = float(mask_utils.area(_segmentation_rle(ann["segmentation"], img["height"], img["width"])))
-
-
-def _read_image(path: str) -> torch.Tensor:
-    """``Tensor[3, h, w]`` float32 in [0, 1]; grayscale, palette and RGBA files are converted to RGB.
-
-    PIL rather than ``torchvision.io``, whose image decoding is deprecated from torchvision 0.29."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
-    except OSError as e:
-        raise ValueError(f"cannot decode image {path}: {e}") from e
-    return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0))
 
 
 class CocoDataset(Dataset):
@@ -172,9 +325,10 @@ class CocoDataset(Dataset):
             training too (theirs keep crowd-only images); keep them (the default) for evaluation.
         check_files: check at construction that every image file exists (one ``stat`` per image).
 
-    Attributes: ``coco`` (pycocotools index of the whole file, crowd annotations included: the
-    evaluation ground truth), ``ids`` (image ids in item order, increasing), ``cat_to_label``,
-    ``label_to_cat``, ``classes`` (names by label, ``classes[0] == "background"``), ``num_classes``.
+    Attributes: ``ann_file``, ``image_dir``, ``coco`` (pycocotools index of the whole file, crowd
+    annotations included: the evaluation ground truth), ``ids`` (image ids in item order, increasing),
+    ``cat_to_label``, ``label_to_cat``, ``classes`` (names by label, ``classes[0] == "background"``),
+    ``num_classes``.
 
     ``dataset[i]`` returns ``(image, target)``: ``image`` ``Tensor[3, h, w]`` float32 in [0, 1];
     ``target`` with ``boxes`` ``Tensor[n, 4]`` float32 xyxy, ``labels`` ``Tensor[n]`` int64,
@@ -190,7 +344,7 @@ class CocoDataset(Dataset):
         skip_empty: bool = False,
         check_files: bool = True,
     ) -> None:
-        ann_file = os.fspath(ann_file)
+        self.ann_file = ann_file = os.fspath(ann_file)
         self.image_dir = os.fspath(image_dir)
         data = _load_json(ann_file)
         _check_and_complete(data, ann_file)
@@ -243,11 +397,10 @@ class CocoDataset(Dataset):
         path = self._path(image_id)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file of image id {image_id} not found: {path}")
-        image = _read_image(path)
-        if tuple(image.shape[-2:]) != (h, w):
-            raise ValueError(
-                f"image {path} (id {image_id}) is {tuple(image.shape[-2:])} but its record says ({h}, {w})"
-            )
+        try:
+            image = read_image(path, size=(h, w))
+        except ValueError as e:
+            raise ValueError(f"{self.ann_file}: image id {image_id}: {e}") from e
         anns, boxes = self._training_annotations(image_id)
         if anns:
             rles = [_segmentation_rle(a["segmentation"], h, w) for a in anns]

@@ -471,13 +471,13 @@ def test_coco_loader_errors(tmp_path):
     def wrong_rle_size(d):
         d["annotations"][1]["segmentation"]["size"] = [H1 + 1, W1]
 
-    with pytest.raises(ValueError, match=r"annotation 11: RLE size"):
+    with pytest.raises(ValueError, match=r"annotation 11 \(image 1\): RLE size"):
         CocoDataset(_mutated(tmp_path, wrong_rle_size), img)
 
     def bad_segmentation(d):
         d["annotations"][2]["segmentation"] = "oops"
 
-    with pytest.raises(ValueError, match=r"annotation 12: segmentation must be a list of polygons or an RLE"):
+    with pytest.raises(ValueError, match=r"annotation 12 \(image 1\): segmentation must be a list of polygons or"):
         CocoDataset(_mutated(tmp_path, bad_segmentation), img)
 
     def no_segmentation(d):
@@ -498,7 +498,9 @@ def test_coco_loader_errors(tmp_path):
         d["images"][1]["height"] = 18
 
     ds = CocoDataset(_mutated(tmp_path, wrong_size), img, check_files=False)
-    with pytest.raises(ValueError, match=r"gray\.png \(id 2\) is \(16, 16\) but its record says \(18, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"broken\.json: image id 2: image .*gray\.png is 16 x 16 .*not the expected 18 x 16"
+    ):
         ds[1]
 
     (img / "gray.png").write_bytes(b"not an image")
