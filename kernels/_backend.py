@@ -14,6 +14,7 @@ whether a kernel is compiled or interpreted.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 from collections.abc import Iterator, Sequence
 
@@ -77,6 +78,10 @@ def tl_acc_dtype(dtype: torch.dtype) -> tl.dtype:
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Bilinear samples per bin side: the cap of the adaptive grid (ceil(bin size)) of RoIAlign and the mask-loss
+# targets, and the largest fixed sampling_ratio the ops accept. Only a box over 1024 bins of pixels per side
+# reaches it; a finite but absurd box (1e9 pixels) would otherwise loop for hours.
+MAX_SAMPLES_PER_SIDE = 1024
 
 
 def check_tensor(
@@ -99,3 +104,21 @@ def check_tensor(
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the input is on {device}; put them on the same device")
     return t
+
+
+def check_sampling_ratio(sampling_ratio: object) -> int:
+    """``sampling_ratio`` as an int (Python or numpy; a float or bool is refused). A fixed ratio takes
+    ``ratio**2`` samples per bin: above the adaptive grid's cap it would hang a GPU (10**6 loops 10**12 times
+    per bin), so it is refused rather than silently capped."""
+    try:
+        if isinstance(sampling_ratio, bool):
+            raise TypeError
+        sampling_ratio = operator.index(sampling_ratio)
+    except TypeError:
+        raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}") from None
+    if sampling_ratio > MAX_SAMPLES_PER_SIDE:
+        raise ValueError(
+            f"sampling_ratio must be <= {MAX_SAMPLES_PER_SIDE} samples per bin side (or <= 0: adaptive), "
+            f"got {sampling_ratio}"
+        )
+    return sampling_ratio

@@ -32,12 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import autotune_configs, tl_acc_dtype
+from ._backend import MAX_SAMPLES_PER_SIDE, autotune_configs, tl_acc_dtype
 from ._triton_utils import loop_bound
 
 # Adaptive sampling takes ceil(bin size) samples per bin side; like kernels.roi_align, the count is
 # capped so that an absurd finite box (1e9 pixels) cannot loop for hours.
-MAX_ADAPTIVE_SAMPLES = tl.constexpr(1024)
+MAX_ADAPTIVE_SAMPLES = tl.constexpr(MAX_SAMPLES_PER_SIDE)  # see kernels._backend
 
 # Sizes that change from batch to batch (mask count and size, and the mask strides that follow from
 # them) are not specialised, so that a new padded image size does not compile a new kernel.
@@ -210,7 +210,10 @@ def _mask_loss_fwd_kernel(
         t = tl.where(t >= 0.5, 1.0, 0.0).to(ACC)
 
     live = pix & active
-    logit_offs = label * logit_stride_k + ph.to(tl.int64)[:, None] * logit_stride_h + pw[None, :] * logit_stride_w
+    # Every index is int64 before it meets a stride: a permuted [R, K, M, M] tensor can have strides whose
+    # products with an int32 index pass 2**31.
+    logit_offs = (label * logit_stride_k + ph.to(tl.int64)[:, None] * logit_stride_h
+                  + pw.to(tl.int64)[None, :] * logit_stride_w)  # fmt: skip
     x = tl.load(logits_ptr + r * logit_stride_r + logit_offs, mask=live, other=0.0).to(ACC)
     # Stable BCE: max(x, 0) - x*t + log1p(exp(-|x|)). log1p by Goldberg's formula
     # log(u) * e / (u - 1), u = 1 + e, exact to a few ulp (libdevice's log1p is unavailable under the

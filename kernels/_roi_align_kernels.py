@@ -35,15 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import autotune_configs, tl_acc_dtype
+from ._backend import MAX_SAMPLES_PER_SIDE, autotune_configs, tl_acc_dtype
 from ._triton_utils import loop_bound
 
 MAX_LEVELS = 5
-# Adaptive sampling takes ceil(bin size) samples per bin side. A finite but absurd box (say 1e9
-# pixels) would loop for hours, so the count is capped; only boxes over 1024 bins of feature
-# pixels per side reach the cap, and the result is then the average of 1024 x 1024 evenly spread
-# samples instead of more.
-MAX_ADAPTIVE_SAMPLES = tl.constexpr(1024)
+MAX_ADAPTIVE_SAMPLES = tl.constexpr(MAX_SAMPLES_PER_SIDE)  # see kernels._backend
 
 # Sizes that change from call to call (RoI count, feature map sizes and their strides) are not
 # specialised, so that a new image size does not compile a new kernel.
@@ -150,6 +146,14 @@ def _geometry(x1, y1, x2, y2, ok, scale_hi, scale_lo, sampling_ratio, PH: tl.con
         end_y = y2 * scale_hi - offset
     roi_w = end_x - start_x
     roi_h = end_y - start_y
+    # Finite coordinates that overflow once scaled (3e38 * 4 in float32, or spatial_scale 1e39 passed as
+    # float32's inf) sample nothing, as non-finite ones do (x - x == 0 is False for +-inf and NaN); their
+    # geometry becomes 0 so that no later arithmetic sees an infinity.
+    ok = ok & (start_x - start_x == 0) & (start_y - start_y == 0) & (roi_w - roi_w == 0) & (roi_h - roi_h == 0)
+    start_x = tl.where(ok, start_x, 0.0)
+    start_y = tl.where(ok, start_y, 0.0)
+    roi_w = tl.where(ok, roi_w, 0.0)
+    roi_h = tl.where(ok, roi_h, 0.0)
     if not ALIGNED:
         roi_w = tl.maximum(roi_w, 1.0)
         roi_h = tl.maximum(roi_h, 1.0)
@@ -415,7 +419,8 @@ def _roi_align_bwd_kernel(
     grad_offs = (
         k * grad_stride_k
         + _along_channels(offs_c.to(tl.int64) * grad_stride_c, BINS_FAST)
-        + _along_bins((offs_p // PW) * grad_stride_h + (offs_p % PW) * grad_stride_w, BINS_FAST)
+        + _along_bins((offs_p // PW).to(tl.int64) * grad_stride_h + (offs_p % PW).to(tl.int64) * grad_stride_w,
+                      BINS_FAST)  # fmt: skip
     )
     g = tl.load(grad_ptr + grad_offs, mask=tile_mask, other=0.0).to(ACC)
     base = gin + n * s_n + _along_channels(offs_c.to(tl.int64) * s_c, BINS_FAST)
@@ -541,7 +546,8 @@ def _roi_align_bwd_tiles_kernel(
                 if not MAX_MODE:
                     wy = _axis_weights(start_y + i * bin_h, bin_h, grid_h, H, pix_y, ACC)
                 for j in range(0, PW):
-                    g = tl.load(grad_k + i * grad_stride_h + j * grad_stride_w, mask=c_mask, other=0.0).to(ACC)
+                    g_ptr = grad_k + tl.cast(i, tl.int64) * grad_stride_h + tl.cast(j, tl.int64) * grad_stride_w
+                    g = tl.load(g_ptr, mask=c_mask, other=0.0).to(ACC)
                     if MAX_MODE:
                         arg_offs = ((tl.cast(k, tl.int64) * C + offs_c) * PH + i) * PW + j
                         arg = tl.load(argmax_ptr + arg_offs, mask=c_mask, other=-1)

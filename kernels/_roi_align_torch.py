@@ -69,6 +69,9 @@ def _plan(
     offset = 0.5 if aligned else 0.0
     start_x, start_y = x1 * scale - offset, y1 * scale - offset
     roi_w, roi_h = x2 * scale - offset - start_x, y2 * scale - offset - start_y
+    # As the kernels: coordinates that overflow once scaled sample nothing, with a geometry of zeros.
+    ok &= torch.isfinite(torch.stack([start_x, start_y, roi_w, roi_h])).all(0)
+    start_x, start_y, roi_w, roi_h = (torch.where(ok, v, 0) for v in (start_x, start_y, roi_w, roi_h))
     if not aligned:
         roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
     bin_w, bin_h = roi_w / pooled[1], roi_h / pooled[0]

@@ -64,6 +64,7 @@ def _validate_decode(
     deltas: Tensor,
     boxes: Tensor,
     weights: list[float],
+    clip: float,
     image_sizes: Tensor | None,
     min_size: float | None,
     scores: Tensor | None,
@@ -90,6 +91,8 @@ def _validate_decode(
             raise ValueError(f"scores must have shape [R, K] = [{R}, {K}], got {tuple(scores.shape)}")
     if min_size is not None and not math.isfinite(min_size):
         raise ValueError(f"min_size must be finite, got {min_size}")
+    if math.isnan(clip):  # +inf is no clamp (exp may overflow to an infinite box, as in torchvision)
+        raise ValueError(f"clip must be a number (inf: no clamp), got {clip}")
 
 
 def _validate_encode(reference_boxes: Tensor, proposals: Tensor, weights: list[float]) -> None:
@@ -212,7 +215,7 @@ def _decode_boxes_op(
     score_thresh: float | None,
 ) -> tuple[Tensor, Tensor]:
     """``(boxes [R, K, 4], valid [R, K] bool, or [0] without min_size and scores)``; see ``decode_boxes``."""
-    _validate_decode(deltas, boxes, weights, image_sizes, min_size, scores, score_thresh)
+    _validate_decode(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh)
     out, valid = _decode_outputs(deltas, min_size, scores)
     impl = decode_triton if backend_for(deltas) == "triton" else _decode_torch
     impl(deltas, boxes, _check_weights(weights), clip, image_sizes, min_size, scores, score_thresh, out, valid)
@@ -221,7 +224,7 @@ def _decode_boxes_op(
 
 @_decode_boxes_op.register_fake
 def _(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh):
-    _validate_decode(deltas, boxes, weights, image_sizes, min_size, scores, score_thresh)
+    _validate_decode(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh)
     return _decode_outputs(deltas, min_size, scores)
 
 

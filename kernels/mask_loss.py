@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from . import _mask_loss_kernels as _k
-from ._backend import FLOAT_DTYPES, acc_dtype, backend_for, check_tensor
+from ._backend import FLOAT_DTYPES, acc_dtype, backend_for, check_sampling_ratio, check_tensor
 
 __all__ = ["mask_loss", "maskrcnn_loss"]
 
@@ -270,6 +270,7 @@ def _mask_loss_op(
     ``dlogits * grad_loss / max(weight_sum, eps)``.
     """
     _check_inputs(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes)
+    check_sampling_ratio(sampling_ratio)
     acc = acc_dtype(logits.dtype)
     impl = _k.forward_triton if backend_for(logits) == "triton" else _forward_torch
     loss_rows, weight_rows, dlogits = impl(
@@ -284,6 +285,7 @@ def _mask_loss_op(
 @_mask_loss_op.register_fake
 def _(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes, binarize, aligned, sampling_ratio):
     _check_inputs(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes)
+    check_sampling_ratio(sampling_ratio)
     acc = acc_dtype(logits.dtype)
     R, M = logits.shape[0], logits.shape[-1]
     return logits.new_empty(()), logits.new_empty((R, M, M), dtype=acc), logits.new_empty((), dtype=acc)
@@ -365,11 +367,10 @@ def mask_loss(
     Returns:
         Tensor[] scalar in the logits' dtype, differentiable w.r.t. ``logits``.
     """
-    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
-        raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
     return torch.ops.mrcnn.mask_loss(
-        logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes, binarize, aligned, sampling_ratio
-    )[0]
+        logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes, binarize, aligned,
+        check_sampling_ratio(sampling_ratio),
+    )[0]  # fmt: skip
 
 
 def _batch_masks(gt_masks: list[Tensor]) -> tuple[Tensor, Tensor | None]:

@@ -218,7 +218,8 @@ def _nms_sweep_kernel(
             later = (words > c) & (words < num_words)
             kept = tl.zeros((), dtype=tl.int64)
             for t in tl.static_range(WORD):
-                row = mask_row + (c * WORD + t) * mask_stride_n
+                # 64-bit: the row offset N * ceil(N/64) passes 2**31 at ~370k boxes, whose 17 GB mask fits an H200.
+                row = mask_row + tl.cast(c * WORD + t, tl.int64) * mask_stride_n
                 diag = tl.load(row + c * mask_stride_w, mask=c * WORD + t < num_boxes, other=0)
                 bit = one << t
                 alive = (w & bit) == 0
@@ -471,8 +472,11 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """``torchvision.ops.batched_nms``: NMS within each category ``idxs: Tensor[N]`` (int32/int64).
 
-    Args and result as ``nms``; boxes of different categories never suppress each other.
+    Args and result as ``nms``; boxes of different categories never suppress each other. As torchvision,
+    empty ``boxes`` give an empty result before the other arguments are looked at.
     """
+    if isinstance(boxes, Tensor) and boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     return torch.ops.mrcnn.nms(boxes, scores, idxs, float(iou_threshold))
 
 

@@ -65,6 +65,10 @@ from ._triton_utils import round_to
 _COORD_LIMIT = 2.0**61
 _TL_COORD_LIMIT = tl.constexpr(_COORD_LIMIT)
 
+# Pixels of padding around each mask: torchvision pads by 1. The torch path builds weights over the padded
+# mask, so a padding of 1e8 would ask it for gigabytes; 1024 is far beyond any use.
+MAX_PADDING = 1024
+
 # Pixels per program, chosen by the launcher from the image size (the autotuner picks the warps). Under
 # the interpreter (~3 ms per program) a large tile keeps the test grids small; COCO images get 32 x 128.
 _TILE_PIXELS = 4096
@@ -438,8 +442,8 @@ def _check_inputs(
         or any(s < 0 for s in img_shape)
     ):
         raise ValueError(f"img_shape must be (height, width), two ints >= 0, got {img_shape!r}")
-    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
-        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    if not isinstance(padding, int) or isinstance(padding, bool) or not 0 <= padding <= MAX_PADDING:
+        raise ValueError(f"padding must be an int in [0, {MAX_PADDING}], got {padding!r}")
     if threshold is not None and (
         not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold)
     ):

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._backend import FLOAT_DTYPES, backend_for, check_tensor
+from ._backend import FLOAT_DTYPES, backend_for, check_sampling_ratio, check_tensor
 from ._roi_align_kernels import MAX_LEVELS, backward_triton, forward_triton
 from ._roi_align_torch import backward_torch, forward_torch
 
@@ -42,8 +42,13 @@ _POOL_MODES = ("avg", "max")
 
 
 def _pair(output_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+    if isinstance(output_size, int):
+        size: tuple = (output_size, output_size)
+    elif isinstance(output_size, (tuple, list)):
+        size = tuple(output_size)
+    else:
+        size = ()
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
         raise ValueError(f"output_size must be a positive int or a pair of positive ints, got {output_size!r}")
     return size
 
@@ -55,6 +60,8 @@ def _validate(
     scales: list[float],
     pooled: tuple[int, int],
     pool_mode: str,
+    sampling_ratio: int,
+    canonical: tuple[float, float],
 ) -> None:
     if not 1 <= len(features) <= MAX_LEVELS:
         raise ValueError(f"features must hold 1 to {MAX_LEVELS} feature maps, got {len(features)}")
@@ -73,8 +80,27 @@ def _validate(
         check_tensor("valid", valid, ndim=1, dtypes=(torch.bool,), device=f0.device)
         if valid.shape[0] != rois.shape[0]:
             raise ValueError(f"valid must have shape [K] = [{rois.shape[0]}], got {tuple(valid.shape)}")
-    if len(scales) != len(features) or not all(s > 0 for s in scales):
-        raise ValueError(f"scales must hold one positive scale per feature map, got {scales}")
+    # The Triton kernels take the scales as float32 (and a float64 one as a float32 pair), so a scale must be a
+    # normal float32 number for both backends to pool the same: 1e39 would be inf there, finite here.
+    f32 = torch.finfo(torch.float32)
+    if len(scales) != len(features) or not all(f32.tiny <= s <= f32.max for s in scales):
+        raise ValueError(
+            f"scales (spatial_scale) must hold one positive scale per feature map within float32's normal range "
+            f"[{f32.tiny:.3g}, {f32.max:.3g}], got {scales}"
+        )
+    if len(scales) > 1:
+        # As detectron2's ROIPooler: the level mapping needs the pyramid 2**-k_min, ..., 2**-k_max, finest
+        # first; other scales would pool every RoI from a wrong level.
+        k = [-math.log2(s) for s in scales]
+        if not all(math.isclose(ki, round(ki)) for ki in k) or [round(ki) for ki in k] != list(
+            range(round(k[0]), round(k[0]) + len(k))
+        ):
+            raise ValueError(f"scales must be consecutive powers of two, finest first (1/4 ... 1/32), got {scales}")
+        if not (math.isfinite(canonical[0]) and canonical[0] > 0 and math.isfinite(canonical[1])):
+            raise ValueError(
+                f"canonical_scale must be finite and positive and canonical_level finite, got {canonical}"
+            )
+    check_sampling_ratio(sampling_ratio)
     if pooled[0] <= 0 or pooled[1] <= 0:
         raise ValueError(f"output_size must be positive, got {pooled}")
     if pool_mode not in _POOL_MODES:
@@ -86,7 +112,7 @@ def _channels_last(t: Tensor) -> bool:
 
 
 def _forward(features, rois, valid, scales, pooled, sampling_ratio, aligned, pool_mode, canonical):
-    _validate(features, rois, valid, scales, pooled, pool_mode)
+    _validate(features, rois, valid, scales, pooled, pool_mode, sampling_ratio, canonical)
     impl = forward_triton if backend_for(features[0]) == "triton" else forward_torch
     return impl(features, rois, valid, scales, pooled, sampling_ratio, aligned, pool_mode == "max", canonical)
 
@@ -131,7 +157,7 @@ def _roi_align_op(
 @_roi_align_op.register_fake
 def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode):
     pooled = (pooled_height, pooled_width)
-    _validate([input], rois, None, [spatial_scale], pooled, pool_mode)
+    _validate([input], rois, None, [spatial_scale], pooled, pool_mode, sampling_ratio, (224.0, 4.0))
     return _fake_forward([input], rois, pooled, pool_mode)
 
 
@@ -207,7 +233,7 @@ def _multiscale_op(
 def _(features, rois, valid, scales, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode,
       canonical_scale, canonical_level):  # fmt: skip
     pooled = (pooled_height, pooled_width)
-    _validate(features, rois, valid, scales, pooled, pool_mode)
+    _validate(features, rois, valid, scales, pooled, pool_mode, sampling_ratio, (canonical_scale, canonical_level))
     return _fake_forward(features, rois, pooled, pool_mode)
 
 
@@ -318,7 +344,7 @@ def roi_align(
     rois = _boxes_to_rois(boxes, input)
     PH, PW = _pair(output_size)
     return torch.ops.mrcnn.roi_align(
-        input, rois, float(spatial_scale), PH, PW, int(sampling_ratio), bool(aligned), pool_mode
+        input, rois, float(spatial_scale), PH, PW, check_sampling_ratio(sampling_ratio), bool(aligned), pool_mode
     )[0]
 
 
@@ -390,8 +416,8 @@ def multiscale_roi_align(
         raise TypeError(f"features must be a list of Tensor[N, C, H, W], got {type(features).__name__}")
     PH, PW = _pair(output_size)
     return torch.ops.mrcnn.multiscale_roi_align(
-        list(features), rois, valid, [float(s) for s in scales], PH, PW, int(sampling_ratio), bool(aligned),
-        pool_mode, float(canonical_scale), float(canonical_level),
+        list(features), rois, valid, [float(s) for s in scales], PH, PW, check_sampling_ratio(sampling_ratio),
+        bool(aligned), pool_mode, float(canonical_scale), float(canonical_level),
     )[0]  # fmt: skip
 
 
