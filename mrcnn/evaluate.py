@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import kernels
 
+from .checkpoint import CheckpointError, load_model
 from .data import build_dataset, coco_evaluate, coco_ground_truth, collate_list, to_coco_results
 from .model import MaskRCNN
 
@@ -107,12 +108,22 @@ def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """JSON to ``path`` through a temporary file and ``os.replace`` (readers never see half a file)."""
+def write_text(text: str, path: str | os.PathLike) -> None:
+    """``text`` to ``path`` through a temporary file and ``os.replace``: readers, and a process that dies
+    while writing, see the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """JSON to ``path``, atomically (``write_text``)."""
+    write_text(json.dumps(obj, indent=1), path)
 
 
 def build_eval_dataset(args: argparse.Namespace, config_image_size: int | None = None) -> Dataset:
@@ -131,15 +142,23 @@ def build_eval_dataset(args: argparse.Namespace, config_image_size: int | None =
     return dataset
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """The evaluation data options shared by ``mrcnn.train`` and ``mrcnn.evaluate``."""
     parser.add_argument("--data", choices=("shapes", "coco"), default="shapes",
                         help="built-in synthetic shapes (default) or COCO-format files")  # fmt: skip
     parser.add_argument("--val-ann", help="COCO instances JSON to evaluate on (--data coco)")
     parser.add_argument("--val-images", help="image folder of --val-ann")
-    parser.add_argument("--val-size", type=int, default=None,
+    parser.add_argument("--val-size", type=positive_int, default=None,
                         help="evaluate on the first N images (shapes: the val split's size, default 200)")  # fmt: skip
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="shapes only: image side in pixels (default: the model's min_size; 128)")  # fmt: skip
     parser.add_argument("--data-seed", type=int, default=0, help="shapes only: the dataset's seed")
 
@@ -191,8 +210,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]] | None:
-    from .checkpoint import load_model
-
     args = parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world_size = 0, 1
@@ -226,8 +243,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]] | Non
 
 
 def cli() -> None:
+    """Console entry point: a bad checkpoint is one line naming it and exit status 1."""
     reexec_for_cpu("mrcnn.evaluate")
-    main()
+    try:
+        main()
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

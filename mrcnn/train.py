@@ -66,10 +66,26 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 import kernels
 
-from .checkpoint import atomic_save, config_from_dict, load_checkpoint, rng_state, set_rng_state
-from .config import MaskRCNNConfig
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    load_training_checkpoint,
+    model_state,
+    rng_state,
+    set_rng_state,
+)
+from .config import MaskRCNNConfig, check_field
 from .data import build_dataset, collate_list
-from .evaluate import add_data_args, build_eval_dataset, evaluate, format_metrics, reexec_for_cpu, write_json
+from .evaluate import (
+    add_data_args,
+    build_eval_dataset,
+    evaluate,
+    format_metrics,
+    reexec_for_cpu,
+    write_json,
+    write_text,
+)
 from .model import MaskRCNN, infer_config
 
 __all__ = ["NonFiniteError", "SHAPES_PRESET", "Schedule", "ShardSampler", "Trainer", "main", "shard_seed"]
@@ -193,6 +209,8 @@ def _positive_float(text: str) -> float:
 
 
 def _config_override(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` with VALUE a Python literal (or a bare string), checked against the field's type and
+    range here, so that ``fpn_channels=wide`` is a usage error rather than a failure deep inside torch."""
     key, sep, value = text.partition("=")
     fields = MaskRCNNConfig.__dataclass_fields__
     if not sep or key not in fields:
@@ -201,7 +219,15 @@ def _config_override(text: str) -> tuple[str, Any]:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
         parsed = value  # a bare string such as backbone=resnet34
-    return key, parsed
+    return key, _checked(key, parsed, text)
+
+
+def _checked(field: str, value: Any, text: str) -> Any:
+    """``check_field`` as an argparse type: a bad value is a usage error that quotes the argument."""
+    try:
+        return check_field(field, value)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e}") from e
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -227,7 +253,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="after warm-up: cosine to 0, or step (x0.1 at 2/3 and 8/9 of --iters)")  # fmt: skip
     p.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up from lr/1000 (shapes 50, coco 1000)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: no clipping)")
-    p.add_argument("--backbone", default=None, help="torchvision ResNet name (shapes resnet18, coco resnet50)")
+    p.add_argument("--backbone", type=lambda text: _checked("backbone", text, text), default=None,
+                   help="torchvision ResNet name (shapes resnet18, coco resnet50)")  # fmt: skip
     p.add_argument("--set", dest="overrides", type=_config_override, action="append", default=[],
                    metavar="FIELD=VALUE", help="set a MaskRCNNConfig field, e.g. --set fpn_channels=128")  # fmt: skip
     p.add_argument("--init", default=None,
@@ -271,8 +298,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_resnet_state(state: dict[str, torch.Tensor]) -> bool:
-    return "conv1.weight" in state and "layer1.0.conv1.weight" in state
+def _is_resnet_state(state: Any) -> bool:
+    return isinstance(state, dict) and "conv1.weight" in state and "layer1.0.conv1.weight" in state
+
+
+def load_init_state(path: str) -> dict[str, torch.Tensor]:
+    """``--init``'s weights (the checkpoint itself or its ``"model"`` entry): a torchvision ResNet state dict
+    for the backbone, or a Mask R-CNN one; ``CheckpointError`` naming the file otherwise."""
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("model", ckpt)
+    return state if _is_resnet_state(state) else model_state(ckpt, path)
+
+
+def check_resume_options(args: argparse.Namespace, config: MaskRCNNConfig, path: Path) -> None:
+    """A resumed run continues the checkpoint's model: an option that would build another one is an error
+    rather than silently ignored (options that agree with the checkpoint are fine)."""
+    if args.init:
+        raise CheckpointError(f"--init {args.init} with --resume: the run continues from {path}'s weights")
+    requested = [(f"--backbone {args.backbone}", "backbone", args.backbone)] if args.backbone else []
+    requested += [(f"--set {k}={v!r}", k, v) for k, v in args.overrides]
+    conflicts = [f"{option} (the checkpoint has {getattr(config, k)!r})" for option, k, v in requested
+                 if getattr(config, k) != v]  # fmt: skip
+    if conflicts:
+        raise CheckpointError(f"--resume from {path} keeps the checkpoint's config, which conflicts with "
+                              f"{'; '.join(conflicts)}: drop these options, or train into a new --out")  # fmt: skip
 
 
 def build_config(args: argparse.Namespace, num_classes: int, init_state: dict | None) -> MaskRCNNConfig:
@@ -358,10 +407,23 @@ def _params_digest(model: nn.Module) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl``. A torn last line (the process died while writing it) is dropped: its
+    step comes after the last checkpoint, which is written after the step's line, so a resumed run redoes it.
+    A bad line elsewhere is an error naming the file and line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: not a JSON record ({e})") from e
+    return records
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
@@ -468,16 +530,14 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         if args.lr is None:
             args.lr = 0.02 * args.batch_size * args.accum_steps * run.world_size / 16
-        ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+        ckpt = None
+        if resume_path is not None:
+            ckpt, self.config = load_training_checkpoint(resume_path)
+            check_resume_options(args, self.config, resume_path)
         self.dataset = build_train_dataset(args)
         self.val_dataset = None if args.no_eval else build_eval_dataset(args, SHAPES_PRESET["min_size"])
-        init_state = None
-        if ckpt is not None:
-            self.config = config_from_dict(ckpt["config"])
-        else:
-            if args.init:
-                init_state = load_checkpoint(args.init)
-                init_state = init_state.get("model", init_state)
+        init_state = load_init_state(args.init) if ckpt is None and args.init else None
+        if ckpt is None:
             self.config = build_config(args, _base_dataset(self.dataset).num_classes + 1, init_state)
 
         torch.manual_seed(args.seed)  # the initial weights
@@ -494,19 +554,26 @@ class Trainer:
         self.records: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+            try:
+                model.load_state_dict(ckpt["model"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+                self.scaler.load_state_dict(ckpt["scaler"])
+                set_rng_state(ckpt["rng"])
+            except (KeyError, RuntimeError, TypeError, ValueError) as e:
+                what = f"{type(e).__name__}: {e}"
+                raise CheckpointError(f"{resume_path}: cannot restore the training state: {what}") from e
             # The schedule's shape follows this command line (so that --iters can extend a run), not the file.
             self.scheduler.lr_lambdas = [schedule for _ in self.optimizer.param_groups]
-            self.scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
             self.step = ckpt["step"]
             # Anything logged after the checkpoint (a crash between the two) is redone: drop it.
-            self.records = [r for r in _read_jsonl(self.out / "log.jsonl") if "loss" in r and r["step"] <= self.step]
+            self.records = [r for r in read_log(self.out / "log.jsonl") if "loss" in r and r["step"] <= self.step]
             metrics_file = self.out / "metrics.json"
             if metrics_file.exists():
-                history = json.loads(metrics_file.read_text())["history"]
+                try:
+                    history = json.loads(metrics_file.read_text())["history"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ValueError(f"{metrics_file}: no metrics history to resume ({e!r})") from e
                 self.history = [h for h in history if h["step"] <= self.step]
 
         self.train_model: nn.Module = model
@@ -550,7 +617,12 @@ class Trainer:
         for a in range(args.accum_steps):
             images, targets = next(batches)
             torch.manual_seed(shard_seed(args.seed, self.step, run.rank * args.accum_steps + a))
-            x, sizes, tgt = model.collate(images, targets)
+            try:
+                x, sizes, tgt = model.collate(images, targets)
+            except (TypeError, ValueError) as e:
+                # collate names the position in the batch; the dataset's image ids say which images those are.
+                ids = [int(t["image_id"]) if "image_id" in t else None for t in targets]
+                raise type(e)(f"step {self.step + 1}, batch of image_id {ids}: {e}") from e
             last = a == args.accum_steps - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 with _autocast(args, device):
@@ -661,8 +733,10 @@ class Trainer:
         args, is_main, end = self.args, self.run.is_main, self.sampler.iters
         log_file, bar = None, None
         if is_main:
-            log_file = open(self.out / "log.jsonl", "w")  # noqa: SIM115 (closed in finally)
-            log_file.writelines(json.dumps(r) + "\n" for r in self.records)
+            # The kept records replace the file atomically: truncating it in place would lose the whole log
+            # if the process died before rewriting it. New records are appended.
+            write_text("".join(json.dumps(r) + "\n" for r in self.records), self.out / "log.jsonl")
+            log_file = open(self.out / "log.jsonl", "a")  # noqa: SIM115 (closed in finally)
             if not args.no_progress:
                 from tqdm import tqdm
 
@@ -706,7 +780,7 @@ def cli() -> None:
     reexec_for_cpu("mrcnn.train")
     try:
         main()
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -7,6 +7,7 @@ One small training step does run every Triton kernel through the interpreter.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -171,6 +172,31 @@ def test_collate_accepts_bool_masks_and_images_without_objects() -> None:
     _, _, t = mrcnn.collate(images, targets, cfg)
     assert t.valid.sum(1).tolist() == [2, 0] and t.labels[0, :2].tolist() == [1, 4]
     assert torch.equal(t.masks[0], reference.masks[0]) and t.masks[0].any() and not t.masks[1].any()
+
+
+def test_config_checks_every_field() -> None:
+    """Wrong types and ranges fail on construction (and in dataclasses.replace), naming the field; lists become
+    tuples and integers of float fields floats (as a checkpoint's JSON-like config holds them)."""
+    cfg = mrcnn.MaskRCNNConfig(image_mean=[0, 0.5, 1], rpn_min_size=0, anchor_sizes=[8, 16, 32, 64, 128])
+    assert cfg.image_mean == (0.0, 0.5, 1.0) and cfg.anchor_sizes == (8, 16, 32, 64, 128)
+    assert isinstance(cfg.rpn_min_size, float)
+    bad = [
+        (dict(fpn_channels="wide"), TypeError, r"MaskRCNNConfig.fpn_channels must be an integer, got 'wide'"),
+        (dict(min_size=0), ValueError, r"MaskRCNNConfig.min_size must be >= 1, got 0"),
+        (dict(num_classes=True), TypeError, r"MaskRCNNConfig.num_classes must be an integer"),
+        (dict(box_score_thresh=float("nan")), TypeError, r"box_score_thresh must be a finite number"),
+        (dict(image_std=(1.0, 0.0, 1.0)), ValueError, r"MaskRCNNConfig.image_std must be > 0"),
+        (dict(bbox_reg_weights=(1.0, 1.0)), TypeError, r"bbox_reg_weights must be a tuple of 4 floats"),
+        (dict(backbone="vgg16"), ValueError, r"MaskRCNNConfig.backbone must be a torchvision ResNet"),
+        (dict(trainable_backbone_layers=6), ValueError, r"trainable_backbone_layers must be in \[0, 5\]"),
+        (dict(rpn_bg_iou_thresh=0.8), ValueError, r"rpn_bg_iou_thresh = 0.8 must be <= rpn_fg_iou_thresh = 0.7"),
+        (dict(mask_size=14), ValueError, r"mask_size = 14 must be 2 \* mask_roi_size = 28"),
+    ]  # fmt: skip
+    for fields, error, match in bad:
+        with pytest.raises(error, match=match):
+            mrcnn.MaskRCNNConfig(**fields)
+        with pytest.raises(error, match=match):
+            dataclasses.replace(cfg, **fields)
 
 
 def test_forward_rejects_uncollated_images() -> None:
