@@ -12,7 +12,6 @@ detections come back at each image's own size.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -23,11 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import kernels
-
 from .checkpoint import CheckpointError, load_model
+from .cli import add_device_args, reexec_for_cpu, select_device, use_backend, write_json
 from .data import to_coco_results
-from .evaluate import reexec_for_cpu, write_json
 from .visualize import draw_detections
 
 __all__ = ["main", "output_names", "read_image"]
@@ -69,26 +66,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--score-threshold", type=float, default=0.5, help="draw detections scoring at least this")
     p.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
-                   help="kernels' implementation: auto = Triton on CUDA, torch on CPU")  # fmt: skip
+    add_device_args(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Predict, draw and write; returns the COCO results (all detections, whatever their score)."""
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = select_device(args.device)
     model, info = load_model(args.checkpoint, device=device)
     classes = info.get("classes")
     label_to_cat = info.get("label_to_cat") or {k: k for k in range(1, model.config.num_classes)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    backend = kernels.use_backend(args.backend) if args.backend != "auto" else contextlib.nullcontext()
     results: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     names = output_names(args.images)
-    with backend:
+    with use_backend(args.backend):
         for start in range(0, len(args.images), args.batch_size):
             paths = args.images[start : start + args.batch_size]
             batch_names = names[start : start + args.batch_size]

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrcnn import MaskRCNN, train
+from mrcnn import MaskRCNN, engine, train
 from mrcnn.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model
+from mrcnn.cli import Process
 from mrcnn.data import ShapesDataset, write_coco
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +58,7 @@ def _log(out: Path) -> list[dict]:
 
 
 def _losses(out: Path) -> list[list[float]]:
-    return [[r[k] for k in ("loss", *train.LOSS_NAMES)] for r in _log(out) if "loss" in r]
+    return [[r[k] for k in ("loss", *engine.LOSS_NAMES)] for r in _log(out) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +74,9 @@ def test_outputs(full_run: Path) -> None:
     log = _log(full_run)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     for r in log:
-        assert {"epoch", "lr", "loss", "grad_norm", "images_per_s", "time", "skipped", *train.LOSS_NAMES} <= set(r)
+        assert {"epoch", "lr", "loss", "grad_norm", "images_per_s", "time", "skipped", *engine.LOSS_NAMES} <= set(r)
         assert math.isfinite(r["loss"]) and not r["skipped"]
-        assert r["loss"] == pytest.approx(sum(r[k] for k in train.LOSS_NAMES))
+        assert r["loss"] == pytest.approx(sum(r[k] for k in engine.LOSS_NAMES))
     # Warm-up: the learning rate rises over the first two steps.
     assert log[0]["lr"] < log[1]["lr"]
     assert (full_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -163,7 +164,7 @@ def _nan_at(at: int):
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(MaskRCNN, "forward", _nan_at(3))
-    with pytest.raises(train.NonFiniteError, match=r"non-finite loss at step 3 \(.*loss_mask=nan"):
+    with pytest.raises(engine.NonFiniteError, match=r"non-finite loss at step 3 \(.*loss_mask=nan"):
         _train(tmp_path, "--iters", "4", "--no-eval", "--checkpoint-every", "2")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 2
@@ -241,6 +242,21 @@ def test_config_options_are_checked_against_the_field(argv: list[str], match: st
         train.parse_args(argv)
     assert re.search(match, capsys.readouterr().err)
     assert dict([train._config_override("anchor_sizes=[8, 16, 32, 64, 128]")])["anchor_sizes"] == (8, 16, 32, 64, 128)
+
+
+def test_prepare_resolves_the_run_without_changing_the_options(full_run: Path) -> None:
+    """prepare: the output folder of --resume, the COCO learning rate (0.02 per 16 images), the checkpoint's
+    config; args stay as parsed (the checkpoint's "args" record the resolved values instead)."""
+    args = train.parse_args([*TINY, "--resume", str(full_run / "checkpoint.pt"), "--no-eval"])
+    args.lr = None  # as the COCO preset leaves it
+    parsed = dict(vars(args))
+    with Process(None) as process:
+        setup = train.prepare(args, process, MaskRCNN)
+    assert vars(args) == parsed
+    assert setup.out == full_run and setup.lr == pytest.approx(0.02 * 2 / 16) and setup.val_dataset is None
+    assert setup.config == load_model(full_run / "checkpoint.pt")[0].config and setup.checkpoint["step"] == 4
+    saved = load_checkpoint(full_run / "checkpoint.pt")["args"]
+    assert saved["out"] == str(full_run) and saved["lr"] == 1e-3
 
 
 def test_bad_checkpoints_name_the_file(tmp_path: Path) -> None:
