@@ -34,7 +34,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from mrcnn import MaskRCNN, MaskRCNNConfig, train
 from mrcnn.backbone import build_backbone
-from mrcnn.evaluate import reexec_for_cpu
+from mrcnn.cli import reexec_for_cpu
 
 QUICK = [
     "--image-size", "64", "--train-size", "64", "--val-size", "4", "--batch-size", "2", "--iters", "4",

@@ -18,8 +18,9 @@ paste_masks    ``paste_masks_in_image`` in ``torchvision.models.detection.roi_he
 =============  ==========================================================================================
 
 ``patch_torchvision(...)`` applies the patches at once and returns a handle: use it as a context
-manager (everything is restored on exit) or call ``.restore()``. Patches nest: each handle restores
-exactly what it replaced.
+manager (everything is restored on exit) or call ``.restore()``. Patches nest, and handles may be
+restored in any order: an entry point stays patched while any handle that replaced it is live, and goes back
+to torchvision's own when the last one is restored.
 """
 
 from __future__ import annotations
@@ -95,21 +96,36 @@ def _resolve(path: str) -> Any:
     return getattr(owner, attr) if attr else owner
 
 
+# Every entry point some live handle has replaced: ``(owner, attribute) -> (original, [(handle, replacement)])``,
+# the layers in the order they were applied. A handle's ``restore`` removes its own layer and sets the
+# attribute to the newest layer left (or the original): so handles restored in any order leave exactly the
+# live handles' patches in place. Restoring saved values instead would, out of order, put an earlier
+# handle's replacement back after that handle was gone.
+_LAYERS: dict[tuple[Any, str], tuple[Any, list[tuple[_Patch, Any]]]] = {}
+
+
 class _Patch:
     """Handle of applied patches: a context manager, or ``restore()`` by hand."""
 
     def __init__(self, targets: list[tuple[str, str, Any]]) -> None:
-        self._saved: list[tuple[Any, str, Any]] = []
+        self._keys: list[tuple[Any, str]] = []
         for path, attr, replacement in targets:
             owner = _resolve(path)
-            self._saved.append((owner, attr, getattr(owner, attr)))
+            key = (owner, attr)
+            _LAYERS.setdefault(key, (getattr(owner, attr), []))[1].append((self, replacement))
+            self._keys.append(key)
             setattr(owner, attr, replacement)
 
     def restore(self) -> None:
-        """Put back what this handle replaced (in reverse order; idempotent)."""
-        while self._saved:
-            owner, attr, original = self._saved.pop()
-            setattr(owner, attr, original)
+        """Remove this handle's patches, in any order with other handles (idempotent): each entry point
+        goes back to the newest live handle's replacement, or to torchvision's own when none is left."""
+        while self._keys:
+            key = self._keys.pop()
+            original, layers = _LAYERS[key]
+            layers[:] = [(handle, r) for handle, r in layers if handle is not self]
+            setattr(*key, layers[-1][1] if layers else original)
+            if not layers:
+                del _LAYERS[key]
 
     def __enter__(self) -> _Patch:
         return self

@@ -16,17 +16,12 @@ def build_backbone(config: MaskRCNNConfig) -> BackboneWithFPN:
     Returns a module whose forward maps ``Tensor[B, 3, H, W]`` to ``{"0": P2, "1": P3, "2": P4, "3": P5,
     "pool": P6}``, ``config.fpn_channels`` channels each, strides 4 to 64.
     """
-    if not hasattr(resnet, config.backbone) or not config.backbone.startswith(("resnet", "resnext", "wide_resnet")):
-        raise ValueError(f"backbone must name a torchvision ResNet (e.g. 'resnet50'), got {config.backbone!r}")
-    if config.head not in ("v1", "v2"):
-        raise ValueError(f"head must be 'v1' or 'v2', got {config.head!r}")
+    # The config has checked the backbone name, the head and the trainable stages (MaskRCNNConfig.__post_init__).
     norm_layer = misc_nn_ops.FrozenBatchNorm2d if config.frozen_batchnorm else nn.BatchNorm2d
     body = getattr(resnet, config.backbone)(weights=None, norm_layer=norm_layer)
     fpn_norm = nn.BatchNorm2d if config.head == "v2" else None
     # torchvision's _resnet_fpn_extractor with the FPN width as a parameter (it hard-codes 256).
     trainable = config.trainable_backbone_layers
-    if not 0 <= trainable <= 5:
-        raise ValueError(f"trainable_backbone_layers must be in [0, 5], got {trainable}")
     layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1", "bn1"][: trainable + (trainable == 5)]
     for name, parameter in body.named_parameters():
         if not name.startswith(tuple(layers_to_train)):

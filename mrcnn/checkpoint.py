@@ -10,7 +10,9 @@ A training checkpoint (``mrcnn.train`` writes ``checkpoint.pt``) is a dict::
 
 Everything in it is a tensor, a number, a string, or a list/tuple/dict of those, so that
 ``torch.load(weights_only=True)`` reads it (numpy's RNG state is stored as a tensor for that reason), and
-its ``"model"`` entry is what ``MaskRCNN.from_torchvision_checkpoint`` looks for.
+its ``"model"`` entry is what ``load_model`` (and so ``MaskRCNN.from_torchvision_checkpoint``) looks for.
+Loading names the file in every error: unreadable, not a dict, no Mask R-CNN weights, weights that do not
+fit, an invalid config, or (for ``--resume``) not a training checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ import torch
 from .config import MaskRCNNConfig
 from .model import MaskRCNN, infer_config
 
-__all__ = ["atomic_save", "load_checkpoint", "load_model", "rng_state", "set_rng_state"]
+__all__ = [
+    "CheckpointError", "atomic_save", "config_from_dict", "load_checkpoint", "load_model", "load_training_checkpoint",
+    "model_state", "rng_state", "set_rng_state",
+]  # fmt: skip
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -48,40 +53,90 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is not the kind expected, or does not fit the command line; the
+    message names the file."""
+
+
+# What ``infer_config`` reads first: present in every Mask R-CNN state dict, ours and torchvision's.
+_MASK_RCNN_KEY = "roi_heads.box_predictor.cls_score.weight"
+TRAINING_KEYS = ("model", "config", "optimizer", "scheduler", "scaler", "step", "sampler", "rng")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` (no code runs from the file)."""
+    """Read a checkpoint dict with ``weights_only=True`` (no code runs from the file).
+
+    A missing file raises ``FileNotFoundError``; an unreadable one (empty, truncated, not written by
+    ``torch.save``) or one that holds something other than a dict raises ``CheckpointError`` naming it.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch.load's errors for bad files vary: EOFError, RuntimeError, UnpicklingError, ...
+        raise CheckpointError(f"cannot read checkpoint {path} (empty, truncated or not a torch.save file): "
+                              f"{type(e).__name__}: {e}") from e  # fmt: skip
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], MaskRCNNConfig]:
+    """A checkpoint that ``mrcnn.train`` wrote (everything ``--resume`` needs) and its config, or
+    ``CheckpointError`` naming the file (a torchvision state dict, for instance, belongs to ``--init``)."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of mrcnn.train (it has no {', '.join(missing)}); "
+                              "to start from its weights, use --init")  # fmt: skip
+    return ckpt, config_from_dict(ckpt["config"], path)
+
+
+def model_state(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The Mask R-CNN state dict in a checkpoint: its ``"model"`` entry (ours, torchvision's reference
+    scripts) or the checkpoint itself (a plain state dict); ``CheckpointError`` naming the file otherwise."""
+    state = ckpt.get("model", ckpt)
+    if not isinstance(state, dict) or _MASK_RCNN_KEY not in state:
+        raise CheckpointError(f"{path} holds no Mask R-CNN weights (no {_MASK_RCNN_KEY!r})")
+    return state
 
 
 def load_model(
     path: str | os.PathLike, config: MaskRCNNConfig | None = None, device: str | torch.device = "cpu"
 ) -> tuple[MaskRCNN, dict[str, Any]]:
-    """A model in eval mode from our training checkpoint or a torchvision Mask R-CNN checkpoint.
+    """A model in eval mode from our training checkpoint or a torchvision Mask R-CNN checkpoint: the one
+    loader (``MaskRCNN.from_torchvision_checkpoint``, ``mrcnn.evaluate`` and ``mrcnn.predict`` use it).
 
-    Our checkpoints carry their ``config``; a torchvision state dict (or ``{"model": ...}`` as its
-    reference scripts write) gets its architecture fields from the weights (``infer_config``) and the
-    rest from ``config`` (default: torchvision's). Returns ``(model, checkpoint)``; the checkpoint's
-    other entries (``classes``, ``label_to_cat``, ...) are there when we wrote it.
+    The architecture fields come from the weights (``infer_config``); the others from ``config`` when given,
+    else from the config our checkpoints carry (so a 128 px model reloads at 128 px), else torchvision's
+    defaults. Returns ``(model, checkpoint)``; the checkpoint's other entries (``classes``,
+    ``label_to_cat``, ...) are there when we wrote it. Errors name the file.
     """
     ckpt = load_checkpoint(path)
-    state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    state = model_state(ckpt, path)
     if config is None and "config" in ckpt:
-        config = config_from_dict(ckpt["config"])
-    model = MaskRCNN(infer_config(state, config))
-    model.load_state_dict(state, strict=True)
+        config = config_from_dict(ckpt["config"], path)
+    try:
+        model = MaskRCNN(infer_config(state, config))
+        model.load_state_dict(state, strict=True)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"the weights in {path} do not fit a Mask R-CNN: {type(e).__name__}: {e}") from e
     info = ckpt if "model" in ckpt else {"model": state}
     return model.to(device).eval(), info
 
 
-def config_from_dict(d: dict[str, Any]) -> MaskRCNNConfig:
-    """``MaskRCNNConfig(**d)`` with the tuple fields restored (a checkpoint may hold them as lists)."""
-    fields = MaskRCNNConfig.__dataclass_fields__
-    unknown = sorted(set(d) - set(fields))
+def config_from_dict(d: Any, path: str | os.PathLike) -> MaskRCNNConfig:
+    """The ``MaskRCNNConfig`` a checkpoint stores (``MaskRCNNConfig`` turns its lists back into tuples and
+    checks every field); ``CheckpointError`` naming the file ``path`` otherwise."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: its 'config' is a {type(d).__name__}, not a dict of MaskRCNNConfig fields")
+    unknown = sorted(set(d) - set(MaskRCNNConfig.__dataclass_fields__))
     if unknown:
-        raise ValueError(f"unknown MaskRCNNConfig fields in checkpoint: {unknown}")
-    return MaskRCNNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        raise CheckpointError(f"{path}: unknown MaskRCNNConfig fields in its 'config': {unknown}")
+    try:
+        return MaskRCNNConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its 'config' is invalid: {e}") from e
 
 
 def rng_state() -> dict[str, Any]:

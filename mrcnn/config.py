@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+import math
+import numbers
+import typing
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from torchvision.models import resnet
 
 
 @dataclass
@@ -11,6 +18,9 @@ class MaskRCNNConfig:
 
     Counts that torchvision applies to data-dependent sets are fixed-size slots here (padded with a
     validity mask), so that no shape inside ``forward`` depends on the data.
+
+    Every field is checked on construction (``check_field``; also by ``dataclasses.replace``), so that a
+    wrong type or range fails here, naming the field, rather than deep inside torch.
     """
 
     num_classes: int = 91
@@ -61,6 +71,17 @@ class MaskRCNNConfig:
     representation_size: int = 1024
     binarize_mask_targets: bool = False  # torchvision: soft targets; detectron2/mmdet: binarised at 0.5
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, check_field(f.name, getattr(self, f.name)))
+        for low, high in (("rpn_bg_iou_thresh", "rpn_fg_iou_thresh"), ("box_bg_iou_thresh", "box_fg_iou_thresh")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if lo > hi:
+                raise ValueError(f"MaskRCNNConfig.{low} = {lo} must be <= {high} = {hi}")
+        if self.mask_size != 2 * self.mask_roi_size:
+            raise ValueError(f"MaskRCNNConfig.mask_size = {self.mask_size} must be 2 * mask_roi_size = "
+                             f"{2 * self.mask_roi_size} (the mask head upsamples its RoIs twice)")  # fmt: skip
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -70,4 +91,68 @@ class MaskRCNNConfig:
         return int(self.box_batch_size_per_image * self.box_positive_fraction)
 
 
-__all__ = ["MaskRCNNConfig"]
+def _is_resnet(name: str) -> bool:
+    return name.startswith(("resnet", "resnext", "wide_resnet")) and callable(getattr(resnet, name, None))
+
+
+_POSITIVE = ("fpn_channels", "min_size", "max_size", "size_divisible", "max_gt_objects", "rpn_pre_nms_top_n_train",
+             "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test",
+             "rpn_batch_size_per_image", "box_batch_size_per_image", "detections_per_img", "box_candidates_per_img",
+             "box_roi_size", "mask_roi_size", "mask_size", "representation_size")  # fmt: skip
+_FRACTIONS = ("rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_positive_fraction",
+              "rpn_score_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh", "box_positive_fraction",
+              "box_score_thresh", "box_nms_thresh")  # fmt: skip
+# Value rules beyond the type: field -> (predicate, what it requires). Sequences are checked item by item.
+_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "num_classes": (lambda v: v >= 2, ">= 2 (the background and at least one class)"),
+    "backbone": (_is_resnet, "a torchvision ResNet name such as 'resnet50'"),
+    "head": (lambda v: v in ("v1", "v2"), "'v1' or 'v2'"),
+    "trainable_backbone_layers": (lambda v: 0 <= v <= 5, "in [0, 5]"),
+    "image_std": (lambda v: v > 0, "> 0"),
+    "anchor_sizes": (lambda v: v >= 1, ">= 1, one size per FPN level P2-P6"),
+    "aspect_ratios": (lambda v: v > 0, "> 0"),
+    "rpn_min_size": (lambda v: v >= 0, ">= 0"),
+    "bbox_reg_weights": (lambda v: v > 0, "> 0"),
+    **{name: (lambda v: v >= 1, ">= 1") for name in _POSITIVE},
+    **{name: (lambda v: 0 <= v <= 1, "in [0, 1]") for name in _FRACTIONS},
+}
+_LENGTHS = {"anchor_sizes": 5}  # one anchor size per pyramid level; the tuple[x, ...] fields of free length
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(MaskRCNNConfig)
+
+
+def _convert(name: str, value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (lists become tuples, integers of float fields floats), or ``TypeError``."""
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        n = _LENGTHS.get(name) if args[-1] is Ellipsis else len(args)
+        if not isinstance(value, (tuple, list)) or (n is not None and len(value) != n) or not value:
+            count = n if n is not None else "one or more"
+            raise TypeError(f"MaskRCNNConfig.{name} must be a tuple of {count} {args[0].__name__}s, got {value!r}")
+        return tuple(_convert(name, v, args[0]) for v in value)
+    ok = {
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+        int: isinstance(value, numbers.Integral) and not isinstance(value, bool),
+        float: isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value),
+    }[tp]
+    if not ok:
+        what = {bool: "True or False", str: "a string", int: "an integer", float: "a finite number"}[tp]
+        raise TypeError(f"MaskRCNNConfig.{name} must be {what}, got {value!r}")
+    return tp(value)
+
+
+def check_field(name: str, value: Any) -> Any:
+    """``value`` checked and converted for ``MaskRCNNConfig.<name>``; ``TypeError`` / ``ValueError`` naming
+    the field and what it requires otherwise (``KeyError`` for an unknown field)."""
+    value = _convert(name, value, _field_types()[name])
+    predicate, requirement = _RULES.get(name, (lambda v: True, ""))
+    if not all(predicate(v) for v in (value if isinstance(value, tuple) else (value,))):
+        raise ValueError(f"MaskRCNNConfig.{name} must be {requirement}, got {value!r}")
+    return value
+
+
+__all__ = ["MaskRCNNConfig", "check_field"]

@@ -98,18 +98,16 @@ class MaskRCNN(nn.Module):
     @classmethod
     def from_torchvision_checkpoint(cls, path: str | Path, config: MaskRCNNConfig | None = None) -> MaskRCNN:
         """Load a torchvision Mask R-CNN checkpoint (a state dict, or a dict with a ``"model"`` entry as
-        torchvision's reference scripts and our trainer write) with ``strict=True``.
+        torchvision's reference scripts write) or our trainer's checkpoint, with ``strict=True``.
 
-        The architecture fields (``num_classes``, ``backbone`` depth, ``head`` v1/v2, frozen BN) are read
-        from the checkpoint; the other fields come from ``config``.
+        ``mrcnn.checkpoint.load_model``: the architecture fields (``num_classes``, ``backbone`` depth,
+        ``head`` v1/v2, frozen BN, widths) are read from the weights; the other fields come from ``config``,
+        else from the config our checkpoints carry, else torchvision's defaults. Returns the model in
+        training mode, as a freshly built one; errors name the file.
         """
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state:
-            state = state["model"]
-        config = infer_config(state, config)
-        model = cls(config)
-        model.load_state_dict(state, strict=True)
-        return model
+        from .checkpoint import load_model  # here: mrcnn.checkpoint imports this module
+
+        return load_model(path, config)[0].train()
 
 
 _RESNETS = {

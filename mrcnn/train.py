@@ -45,36 +45,27 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import dataclasses
 import datetime
-import hashlib
-import json
 import math
-import os
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import Dataset, Subset
 
-import kernels
-
-from .checkpoint import atomic_save, config_from_dict, load_checkpoint, rng_state, set_rng_state
-from .config import MaskRCNNConfig
-from .data import build_dataset, collate_list
-from .evaluate import add_data_args, build_eval_dataset, evaluate, format_metrics, reexec_for_cpu, write_json
+from .checkpoint import CheckpointError, load_checkpoint, load_training_checkpoint, model_state
+from .cli import Process, add_data_args, add_device_args, base_dataset, build_eval_dataset, reexec_for_cpu, use_backend
+from .config import MaskRCNNConfig, check_field
+from .data import build_dataset
+from .engine import NonFiniteError, Trainer, TrainingSetup
 from .model import MaskRCNN, infer_config
 
-__all__ = ["NonFiniteError", "SHAPES_PRESET", "Schedule", "ShardSampler", "Trainer", "main", "shard_seed"]
+__all__ = ["SHAPES_PRESET", "build_config", "cli", "main", "parse_args", "prepare"]
 
-LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
 # The shapes preset: sized so that the default run trains from scratch on a 2-core CPU within the time
 # and AP budget documented in the README (see ``--help``). Narrow FPN and heads, small images, few
@@ -98,87 +89,9 @@ SHAPES_PRESET: dict[str, Any] = dict(
 )
 SHAPES_DEFAULTS = dict(iters=1200, batch_size=4, lr=2e-3, optimizer="adamw", weight_decay=1e-4, warmup_iters=50,
                        train_size=20000)  # fmt: skip
-# lr None: torchvision's 0.02 per 16 images, scaled to the global batch (see _train).
+# lr None: torchvision's 0.02 per 16 images, scaled to the global batch (see prepare).
 COCO_DEFAULTS = dict(iters=90000, batch_size=2, lr=None, optimizer="sgd", weight_decay=1e-4, warmup_iters=1000,
                      train_size=None)  # fmt: skip
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or infinite loss or gradient; the message names the step."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Data order, RNG, schedule
-# ----------------------------------------------------------------------------------------------
-
-
-def shard_seed(seed: int, step: int, shard: int) -> int:
-    """The torch seed of shard ``shard`` of step ``step``: independent streams for every (seed, step, shard)."""
-    return int(np.random.SeedSequence([seed, step, shard]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-class ShardSampler(Sampler[list[int]]):
-    """Batches of dataset indices for one rank, from ``start_step`` to ``iters``, ``accum_steps`` per step.
-
-    Epoch ``e`` visits ``torch.randperm(n)`` drawn from ``(seed, e)``; each step takes the next
-    ``G = batch_size * accum_steps * world_size`` indices of it (the remainder of an epoch is dropped), and
-    this rank's micro-batch ``a`` is the slice ``k = rank * accum_steps + a`` of ``batch_size`` indices.
-    """
-
-    def __init__(self, n: int, *, batch_size: int, accum_steps: int, world_size: int, rank: int, seed: int,
-                 start_step: int, iters: int) -> None:  # fmt: skip
-        self.n, self.batch_size, self.accum_steps = n, batch_size, accum_steps
-        self.world_size, self.rank, self.seed = world_size, rank, seed
-        self.start_step, self.iters = start_step, iters
-        self.global_batch = batch_size * accum_steps * world_size
-        self.steps_per_epoch = n // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {n} images, fewer than one global batch of {self.global_batch}")
-
-    def position(self, step: int) -> dict[str, int]:
-        """Where step ``step`` (0-based) reads: epoch and batch within it."""
-        return {"epoch": step // self.steps_per_epoch, "batch": step % self.steps_per_epoch, "seed": self.seed}
-
-    def _permutation(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(shard_seed(self.seed, epoch, -1 % 2**31))
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def __len__(self) -> int:
-        return (self.iters - self.start_step) * self.accum_steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        epoch, perm = None, []
-        for step in range(self.start_step, self.iters):
-            pos = self.position(step)
-            if pos["epoch"] != epoch:
-                epoch, perm = pos["epoch"], self._permutation(pos["epoch"])
-            start = pos["batch"] * self.global_batch
-            for a in range(self.accum_steps):
-                k = self.rank * self.accum_steps + a
-                yield perm[start + k * self.batch_size : start + (k + 1) * self.batch_size]
-
-
-@dataclasses.dataclass
-class Schedule:
-    """Learning-rate factor of step ``s``: linear warm-up from ``warmup_factor`` over ``warmup_iters``, then
-    ``step`` (x0.1 at each milestone) or ``cosine`` (to 0 at ``iters``). A dataclass, so that ``LambdaLR``
-    stores it in its state dict."""
-
-    kind: str
-    iters: int
-    warmup_iters: int
-    warmup_factor: float = 1e-3
-    milestones: tuple[int, ...] = ()
-
-    def __call__(self, s: int) -> float:
-        warm = 1.0
-        if s < self.warmup_iters:
-            alpha = s / self.warmup_iters
-            warm = self.warmup_factor * (1 - alpha) + alpha
-        if self.kind == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * min(s, self.iters) / self.iters))
-        return warm * 0.1 ** sum(s >= m for m in self.milestones)
-
 
 # ----------------------------------------------------------------------------------------------
 # Options
@@ -193,6 +106,8 @@ def _positive_float(text: str) -> float:
 
 
 def _config_override(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` with VALUE a Python literal (or a bare string), checked against the field's type and
+    range here, so that ``fpn_channels=wide`` is a usage error rather than a failure deep inside torch."""
     key, sep, value = text.partition("=")
     fields = MaskRCNNConfig.__dataclass_fields__
     if not sep or key not in fields:
@@ -201,7 +116,15 @@ def _config_override(text: str) -> tuple[str, Any]:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
         parsed = value  # a bare string such as backbone=resnet34
-    return key, parsed
+    return key, _checked(key, parsed, text)
+
+
+def _checked(field: str, value: Any, text: str) -> Any:
+    """``check_field`` as an argparse type: a bad value is a usage error that quotes the argument."""
+    try:
+        return check_field(field, value)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e}") from e
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -227,7 +150,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="after warm-up: cosine to 0, or step (x0.1 at 2/3 and 8/9 of --iters)")  # fmt: skip
     p.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up from lr/1000 (shapes 50, coco 1000)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: no clipping)")
-    p.add_argument("--backbone", default=None, help="torchvision ResNet name (shapes resnet18, coco resnet50)")
+    p.add_argument("--backbone", type=lambda text: _checked("backbone", text, text), default=None,
+                   help="torchvision ResNet name (shapes resnet18, coco resnet50)")  # fmt: skip
     p.add_argument("--set", dest="overrides", type=_config_override, action="append", default=[],
                    metavar="FIELD=VALUE", help="set a MaskRCNNConfig field, e.g. --set fpn_channels=128")  # fmt: skip
     p.add_argument("--init", default=None,
@@ -247,9 +171,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (default: --out/checkpoint.pt)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="weights, data order and sampling")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
-                   help="kernels' implementation: auto = Triton on CUDA, torch on CPU")  # fmt: skip
+    add_device_args(p)
     p.add_argument("--workers", type=int, default=None, help="DataLoader processes (default: 1 on CPU, 4 on CUDA)")
     p.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a NaN/inf loss instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -267,12 +189,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model, data, optimizer
+# Config, initial weights, data: the run the options describe
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_resnet_state(state: dict[str, torch.Tensor]) -> bool:
-    return "conv1.weight" in state and "layer1.0.conv1.weight" in state
+def _is_resnet_state(state: Any) -> bool:
+    return isinstance(state, dict) and "conv1.weight" in state and "layer1.0.conv1.weight" in state
+
+
+def load_init_state(path: str) -> dict[str, torch.Tensor]:
+    """``--init``'s weights (the checkpoint itself or its ``"model"`` entry): a torchvision ResNet state dict
+    for the backbone, or a Mask R-CNN one; ``CheckpointError`` naming the file otherwise."""
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("model", ckpt)
+    return state if _is_resnet_state(state) else model_state(ckpt, path)
+
+
+def check_resume_options(args: argparse.Namespace, config: MaskRCNNConfig, path: Path) -> None:
+    """A resumed run continues the checkpoint's model: an option that would build another one is an error
+    rather than silently ignored (options that agree with the checkpoint are fine)."""
+    if args.init:
+        raise CheckpointError(f"--init {args.init} with --resume: the run continues from {path}'s weights")
+    requested = [(f"--backbone {args.backbone}", "backbone", args.backbone)] if args.backbone else []
+    requested += [(f"--set {k}={v!r}", k, v) for k, v in args.overrides]
+    conflicts = [f"{option} (the checkpoint has {getattr(config, k)!r})" for option, k, v in requested
+                 if getattr(config, k) != v]  # fmt: skip
+    if conflicts:
+        raise CheckpointError(f"--resume from {path} keeps the checkpoint's config, which conflicts with "
+                              f"{'; '.join(conflicts)}: drop these options, or train into a new --out")  # fmt: skip
 
 
 def build_config(args: argparse.Namespace, num_classes: int, init_state: dict | None) -> MaskRCNNConfig:
@@ -325,107 +269,44 @@ def build_train_dataset(args: argparse.Namespace) -> Dataset:
     return dataset
 
 
-def _base_dataset(dataset: Dataset) -> Any:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
-
-
-def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9) or AdamW; no weight decay on norm layers' and biases' parameters."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
-    # fused: one kernel over all parameters (-10 % of a CPU step of the shapes preset).
-    return torch.optim.AdamW(groups, lr=args.lr, fused=True)
-
-
-def _params_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter's and buffer's bytes: equal on all DDP ranks when they are in sync."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# Logging helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
-    """Total and per-term losses against the step, log scale; skipped steps left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in records if not r.get("skipped")]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    steps = [r["step"] for r in rows]
-    for name in ("loss", *LOSS_NAMES):
-        ax.plot(steps, [r[name] for r in rows], label=name, linewidth=2.0 if name == "loss" else 1.0)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+def prepare(args: argparse.Namespace, process: Process,
+            build_model: Callable[[MaskRCNNConfig], nn.Module]) -> TrainingSetup:  # fmt: skip
+    """What the options make of a run, without changing them: the output folder (``--out``, the resumed
+    checkpoint's folder, or a fresh ``runs/<date-time>`` that rank 0 names), the learning rate, the checkpoint
+    to continue from, the data, the config and the initial model."""
+    checkpoint_path = None
+    if args.resume is not None:
+        checkpoint_path = Path(args.resume or Path(args.out or ".") / "checkpoint.pt")
+    if args.out:
+        out = Path(args.out)
+    elif checkpoint_path is not None:
+        out = checkpoint_path.parent
+    else:
+        out = Path(process.broadcast(f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"))
+    if process.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    # torchvision's 0.02 per 16 images, scaled to the global batch (the COCO default).
+    lr = args.lr if args.lr is not None else 0.02 * args.batch_size * args.accum_steps * process.world_size / 16
+    checkpoint, config = None, None
+    if checkpoint_path is not None:
+        checkpoint, config = load_training_checkpoint(checkpoint_path)
+        check_resume_options(args, config, checkpoint_path)
+    dataset = build_train_dataset(args)
+    val_dataset = None if args.no_eval else build_eval_dataset(args, SHAPES_PRESET["min_size"])
+    init_state = load_init_state(args.init) if checkpoint is None and args.init else None
+    if config is None:
+        config = build_config(args, base_dataset(dataset).num_classes + 1, init_state)
+    torch.manual_seed(args.seed)  # the initial weights
+    model = build_model(config)
+    if init_state is not None:
+        _load_init(model, init_state)
+    return TrainingSetup(out=out, lr=lr, config=config, model=model, dataset=dataset, val_dataset=val_dataset,
+                         checkpoint=checkpoint, checkpoint_path=checkpoint_path)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Command line
 # ----------------------------------------------------------------------------------------------
-
-
-class _Run:
-    """The state of one training process."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.distributed = self.world_size > 1
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.rank = 0
-        if self.distributed:
-            if device.type == "cuda":
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            self.rank = dist.get_rank()
-        self.device = device
-        self.is_main = self.rank == 0
-
-    def broadcast(self, obj: Any) -> Any:
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def _autocast(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
-    if args.amp == "off":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def main(
@@ -439,266 +320,8 @@ def main(
     mode, and ``predict(images)`` in torchvision's output format.
     """
     args = parse_args(argv)
-    run = _Run(args)
-    backend = kernels.use_backend(args.backend) if args.backend != "auto" else contextlib.nullcontext()
-    try:
-        with backend:
-            return Trainer(args, run, build_model).run_training()
-    finally:
-        if run.distributed:
-            dist.destroy_process_group()
-
-
-class Trainer:
-    """One training process: model, data, optimizer and outputs, set up from the options (and the checkpoint
-    when resuming); ``run()`` trains to the end (or ``--stop-at``)."""
-
-    def __init__(self, args: argparse.Namespace, run: _Run, build_model: Callable[[MaskRCNNConfig], nn.Module]):
-        self.t_start = time.perf_counter()
-        self.args, self.run, self.device = args, run, run.device
-        # Output folder and checkpoint to resume from (rank 0 names a fresh folder; the others follow).
-        resume_path = None
-        if args.resume is not None:
-            resume_path = Path(args.resume or Path(args.out or ".") / "checkpoint.pt")
-            args.out = args.out or str(resume_path.parent)
-        if args.out is None:
-            args.out = run.broadcast(f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        self.out = Path(args.out)
-        if run.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        if args.lr is None:
-            args.lr = 0.02 * args.batch_size * args.accum_steps * run.world_size / 16
-        ckpt = load_checkpoint(resume_path) if resume_path is not None else None
-        self.dataset = build_train_dataset(args)
-        self.val_dataset = None if args.no_eval else build_eval_dataset(args, SHAPES_PRESET["min_size"])
-        init_state = None
-        if ckpt is not None:
-            self.config = config_from_dict(ckpt["config"])
-        else:
-            if args.init:
-                init_state = load_checkpoint(args.init)
-                init_state = init_state.get("model", init_state)
-            self.config = build_config(args, _base_dataset(self.dataset).num_classes + 1, init_state)
-
-        torch.manual_seed(args.seed)  # the initial weights
-        self.model = model = build_model(self.config)
-        if init_state is not None:
-            _load_init(model, init_state)
-        model.to(self.device)
-        self.optimizer = build_optimizer(args, model)
-        milestones = (int(args.iters * 2 / 3), int(args.iters * 8 / 9))
-        schedule = Schedule(args.schedule, args.iters, args.warmup_iters, milestones=milestones)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
-        self.step = 0
-        self.records: list[dict[str, Any]] = []
-        self.history: list[dict[str, Any]] = []
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            # The schedule's shape follows this command line (so that --iters can extend a run), not the file.
-            self.scheduler.lr_lambdas = [schedule for _ in self.optimizer.param_groups]
-            self.scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            self.step = ckpt["step"]
-            # Anything logged after the checkpoint (a crash between the two) is redone: drop it.
-            self.records = [r for r in _read_jsonl(self.out / "log.jsonl") if "loss" in r and r["step"] <= self.step]
-            metrics_file = self.out / "metrics.json"
-            if metrics_file.exists():
-                history = json.loads(metrics_file.read_text())["history"]
-                self.history = [h for h in history if h["step"] <= self.step]
-
-        self.train_model: nn.Module = model
-        self.ddp = None
-        if run.distributed:
-            self.ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device] if self.device.type == "cuda" else None
-            )
-            self.train_model = self.ddp
-        use_compile = args.compile if args.compile is not None else self.device.type == "cuda"
-        if use_compile:
-            self.train_model = torch.compile(self.train_model, fullgraph=True, backend=args.compile_backend)
-
-        self.sampler = ShardSampler(
-            len(self.dataset), batch_size=args.batch_size, accum_steps=args.accum_steps, world_size=run.world_size,
-            rank=run.rank, seed=args.seed, start_step=self.step, iters=min(args.iters, args.stop_at or args.iters),
-        )  # fmt: skip
-        if ckpt is not None and ckpt["sampler"] != self.sampler.position(self.step):
-            raise ValueError(
-                f"the checkpoint's data position {ckpt['sampler']} does not match step {self.step}'s "
-                f"{self.sampler.position(self.step)}: resume with the same --batch-size, --accum-steps, world "
-                "size and --seed"
-            )
-        self.workers = args.workers if args.workers is not None else (4 if self.device.type == "cuda" else 1)
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_list,
-                                 num_workers=self.workers, pin_memory=self.device.type == "cuda")  # fmt: skip
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.float_buffers = [b for b in model.buffers() if b.is_floating_point()]
-
-    # -- one optimizer step -------------------------------------------------------------------------
-
-    def train_step(self, batches: Iterator[tuple[list, list]]) -> dict[str, Any]:
-        """Forward and backward over this step's micro-batches, then the update (or the non-finite policy).
-        Returns the step's record (losses averaged over micro-batches and ranks)."""
-        args, run, model, device = self.args, self.run, self.model, self.device
-        t0 = time.perf_counter()
-        model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        saved_buffers = [b.clone() for b in self.float_buffers] if args.skip_nonfinite else None
-        sums = torch.zeros(len(LOSS_NAMES), device=device)
-        for a in range(args.accum_steps):
-            images, targets = next(batches)
-            torch.manual_seed(shard_seed(args.seed, self.step, run.rank * args.accum_steps + a))
-            x, sizes, tgt = model.collate(images, targets)
-            last = a == args.accum_steps - 1
-            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
-                with _autocast(args, device):
-                    losses = self.train_model(x, sizes, tgt)
-                stacked = torch.stack([losses[k].float() for k in LOSS_NAMES])
-                self.scaler.scale(stacked.sum() / args.accum_steps).backward()
-            sums += stacked.detach()
-        if args.amp == "fp16":
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.clip_grad if args.clip_grad > 0 else math.inf)
-        if run.distributed:
-            dist.all_reduce(sums)
-            sums /= run.world_size
-        # One host sync per step: the logged values and the finiteness decision (the same on every rank,
-        # since losses are all-reduced and gradients were averaged by DDP).
-        values = torch.cat([sums / args.accum_steps, grad_norm.reshape(1).float().to(device)]).tolist()
-        loss_values, gn = values[: len(LOSS_NAMES)], values[-1]
-        finite_loss = all(math.isfinite(v) for v in loss_values)
-        # fp16 loss scaling produces inf gradients by design: the scaler skips those steps itself.
-        skipped = not (finite_loss and (math.isfinite(gn) or args.amp == "fp16"))
-        if skipped:
-            what = "loss" if not finite_loss else "gradient norm"
-            detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_NAMES, loss_values, strict=True))
-            if not args.skip_nonfinite:
-                raise NonFiniteError(
-                    f"non-finite {what} at step {self.step + 1} ({detail}, grad_norm={gn:.4g}); the weights were "
-                    f"not updated and {self.out / 'checkpoint.pt'} is unchanged. Lower --lr, use --clip-grad, or "
-                    "pass --skip-nonfinite to skip such steps."
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                torch._foreach_copy_(self.float_buffers, saved_buffers)
-            print(f"step {self.step + 1}: non-finite {what} ({detail}); step skipped", file=sys.stderr, flush=True)
-            if args.amp == "fp16":
-                self.scaler.update()
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        self.step += 1
-        dt = time.perf_counter() - t0
-        return {
-            "step": self.step, "epoch": self.sampler.position(self.step - 1)["epoch"], "lr": lr,
-            "loss": sum(loss_values), **dict(zip(LOSS_NAMES, loss_values, strict=True)), "grad_norm": gn,
-            "images_per_s": self.sampler.global_batch / dt, "step_time": dt,
-            "time": time.perf_counter() - self.t_start, "skipped": skipped,
-        }  # fmt: skip
-
-    # -- evaluation and files -----------------------------------------------------------------------
-
-    def sync_buffers(self) -> None:
-        """Rank 0's BatchNorm statistics everywhere (DDP broadcasts them only at the start of a forward)."""
-        if self.run.distributed:
-            for b in self.model.buffers():
-                dist.broadcast(b, 0)
-
-    def save_checkpoint(self) -> None:
-        self.sync_buffers()
-        if not self.run.is_main:
-            return
-        base = _base_dataset(self.dataset)
-        state = {
-            "model": self.model.state_dict(),
-            "config": self.config.to_dict(),
-            "classes": list(base.classes),
-            "label_to_cat": dict(base.label_to_cat),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "sampler": self.sampler.position(self.step),
-            "rng": rng_state(),
-            "args": {k: v for k, v in vars(self.args).items() if k not in ("resume", "stop_at")},
-        }
-        atomic_save(state, self.out / "checkpoint.pt")
-
-    def evaluate(self) -> None:
-        """COCOeval on the val data (collective); rank 0 writes metrics.json and the loss curve."""
-        self.sync_buffers()
-        result = evaluate(self.model, self.val_dataset, batch_size=self.args.batch_size,
-                          workers=min(self.workers, 2), rank=self.run.rank, world_size=self.run.world_size,
-                          progress=self.run.is_main and not self.args.no_progress)  # fmt: skip
-        if result is None:
-            return
-        self.history.append({"step": self.step, **result[0]})
-        write_json({**self.history[-1], "history": self.history}, self.out / "metrics.json")
-        plot_losses(self.records, self.out / "loss.png")
-        n = len(self.val_dataset)
-        print(f"step {self.step}: COCO metrics on {n} val images\n{format_metrics(result[0])}", flush=True)
-
-    def check_replicas(self) -> None:
-        """Under DDP: every rank's weights and buffers hash the same (logged; an error if not)."""
-        self.sync_buffers()
-        digests: list[Any] = [None] * self.run.world_size
-        dist.all_gather_object(digests, _params_digest(self.model))
-        if self.run.is_main:
-            in_sync = len(set(digests)) == 1
-            with open(self.out / "log.jsonl", "a") as f:
-                record = {"step": self.step, "event": "ddp_replicas", "digests": digests, "in_sync": in_sync}
-                f.write(json.dumps(record) + "\n")
-            if not in_sync:
-                raise RuntimeError(f"DDP replicas diverged: parameter digests {digests}")
-
-    # -- the loop -----------------------------------------------------------------------------------
-
-    def run_training(self) -> dict[str, Any]:
-        args, is_main, end = self.args, self.run.is_main, self.sampler.iters
-        log_file, bar = None, None
-        if is_main:
-            log_file = open(self.out / "log.jsonl", "w")  # noqa: SIM115 (closed in finally)
-            log_file.writelines(json.dumps(r) + "\n" for r in self.records)
-            if not args.no_progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        try:
-            batches = iter(self.loader)
-            while self.step < end:
-                record = self.train_step(batches)
-                if is_main:
-                    self.records.append(record)
-                    if self.step % args.log_every == 0 or self.step == end:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.1f}",
-                                        lr=f"{record['lr']:.2e}", refresh=False)  # fmt: skip
-                        bar.update(1)
-                due = (args.eval_every and self.step % args.eval_every == 0) or self.step == args.iters
-                if due and not args.no_eval:
-                    self.evaluate()
-                if self.step % args.checkpoint_every == 0 or self.step == end:
-                    self.save_checkpoint()
-        finally:
-            if bar is not None:
-                bar.close()
-            if log_file is not None:
-                log_file.close()
-        if is_main:
-            plot_losses(self.records, self.out / "loss.png")
-        if self.run.distributed:
-            self.check_replicas()
-        wall = time.perf_counter() - self.t_start
-        if is_main:
-            print(f"done: {self.step} steps, {wall:.0f} s -> {self.out}", flush=True)
-        metrics = self.history[-1] if self.history and is_main else None
-        return {"out": str(self.out), "step": self.step, "metrics": metrics, "wall_time": wall}
+    with Process(args.device) as process, use_backend(args.backend):
+        return Trainer(args, process, prepare(args, process, build_model)).run_training()
 
 
 def cli() -> None:
@@ -706,7 +329,7 @@ def cli() -> None:
     reexec_for_cpu("mrcnn.train")
     try:
         main()
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointError) as e:
         sys.exit(f"error: {e}")
 
 

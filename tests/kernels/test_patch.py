@@ -132,6 +132,25 @@ def test_plain_call_nesting_and_flags() -> None:
     assert _entry_points() == before
 
 
+def test_handles_restored_out_of_order() -> None:
+    """Restoring the first of two live handles keeps the second's patches; restoring that one then puts back
+    torchvision's own entry points (not the first handle's replacements)."""
+    before = _entry_points()
+    first = patch_torchvision()
+    patched = _entry_points()
+    second = patch_torchvision(roi_align=False, multiscale=False, box_coder=False, mask_loss=False, paste_masks=False)
+    try:
+        first.restore()
+        now = _entry_points()
+        assert {k for k in before if now[k] is not before[k]} == {"ops.nms", "ops.batched_nms", "boxes.nms",
+                                                                   "boxes.batched_nms"}  # fmt: skip
+        assert now["ops.nms"] is patched["ops.nms"] is kernels.nms
+    finally:
+        second.restore()
+        first.restore()
+    assert _entry_points() == before
+
+
 @pytest.mark.cuda
 def test_cuda_inference_and_training_match_unpatched() -> None:
     model = _model().cuda().eval()

@@ -7,6 +7,7 @@ One small training step does run every Triton kernel through the interpreter.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -119,6 +120,83 @@ def test_collate_shapes_and_resize() -> None:
 def test_collate_rejects_bad_input(images, targets, error, match) -> None:
     with pytest.raises(error, match=match):
         mrcnn.collate(images, targets, mrcnn.MaskRCNNConfig(**TINY))
+
+
+def _good_targets() -> tuple[list[torch.Tensor], list[dict]]:
+    """Two 20x20 images with two valid objects each (labels 1 and 4 of TINY's 5 classes)."""
+    masks = torch.zeros(2, 20, 20, dtype=torch.uint8)
+    masks[0, 2:8, 2:8] = masks[1, 10:18, 5:15] = 1
+    target = {"boxes": torch.tensor([[2.0, 2, 8, 8], [5, 10, 15, 18]]), "labels": torch.tensor([1, 4]), "masks": masks}
+    return [torch.rand(3, 20, 20), torch.rand(3, 20, 20)], [target, {k: v.clone() for k, v in target.items()}]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error", "match"),
+    [
+        ("boxes", torch.tensor([[2.0, 2, 8, 8], [5, 10, float("nan"), 18]]), ValueError,
+         r"targets\[1\]\['boxes'\]\[1\] = .* is not finite"),
+        ("boxes", torch.tensor([[2.0, 2, float("inf"), 8], [5, 10, 15, 18]]), ValueError,
+         r"targets\[1\]\['boxes'\]\[0\] = .* is not finite"),
+        ("boxes", torch.ones(2, 5), ValueError, r"targets\[1\]\['boxes'\] must have shape \[n, 4\]"),
+        ("labels", torch.tensor([1, 5]), ValueError, r"targets\[1\]\['labels'\]\[1\] = 5 is outside \[1, 5\)"),
+        ("labels", torch.tensor([0, 1]), ValueError, r"targets\[1\]\['labels'\]\[0\] = 0 is outside \[1, 5\)"),
+        ("labels", torch.tensor([1.0, 2.5]), TypeError, r"targets\[1\]\['labels'\] must be integers"),
+        ("labels", torch.tensor([1]), ValueError, r"targets\[1\]\['labels'\] must have shape \[2\]"),
+        ("masks", torch.zeros(1, 20, 20), ValueError, r"targets\[1\]\['masks'\] must have shape \[2, 20, 20\]"),
+        ("masks", torch.zeros(2, 20, 19), ValueError, r"targets\[1\]\['masks'\] must have shape \[2, 20, 20\]"),
+        ("masks", torch.full((2, 20, 20), 255, dtype=torch.uint8), ValueError,
+         r"targets\[1\]\['masks'\]\[0\] has values other than 0 and 1 \(max 255\).*masks > 0"),
+        ("masks", None, ValueError, r"targets\[1\] has 2 boxes but no 'masks'"),
+    ],
+)  # fmt: skip
+def test_collate_rejects_bad_targets_naming_image_and_field(field, value, error, match) -> None:
+    """Bad ground truth in the second image: an error naming it and the field, never a silent zero-padding,
+    a dropped label, or a NaN / negative loss later."""
+    images, targets = _good_targets()
+    cfg = mrcnn.MaskRCNNConfig(**TINY)
+    mrcnn.collate(images, targets, cfg)  # the unmodified batch passes
+    if value is None:
+        del targets[1][field]
+    else:
+        targets[1][field] = value
+    with pytest.raises(error, match=match):
+        mrcnn.collate(images, targets, cfg)
+
+
+def test_collate_accepts_bool_masks_and_images_without_objects() -> None:
+    images, targets = _good_targets()
+    cfg = mrcnn.MaskRCNNConfig(**TINY)
+    _, _, reference = mrcnn.collate(images, targets, cfg)
+    targets[0]["masks"] = targets[0]["masks"].bool()
+    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}  # no 'masks'
+    _, _, t = mrcnn.collate(images, targets, cfg)
+    assert t.valid.sum(1).tolist() == [2, 0] and t.labels[0, :2].tolist() == [1, 4]
+    assert torch.equal(t.masks[0], reference.masks[0]) and t.masks[0].any() and not t.masks[1].any()
+
+
+def test_config_checks_every_field() -> None:
+    """Wrong types and ranges fail on construction (and in dataclasses.replace), naming the field; lists become
+    tuples and integers of float fields floats (as a checkpoint's JSON-like config holds them)."""
+    cfg = mrcnn.MaskRCNNConfig(image_mean=[0, 0.5, 1], rpn_min_size=0, anchor_sizes=[8, 16, 32, 64, 128])
+    assert cfg.image_mean == (0.0, 0.5, 1.0) and cfg.anchor_sizes == (8, 16, 32, 64, 128)
+    assert isinstance(cfg.rpn_min_size, float)
+    bad = [
+        (dict(fpn_channels="wide"), TypeError, r"MaskRCNNConfig.fpn_channels must be an integer, got 'wide'"),
+        (dict(min_size=0), ValueError, r"MaskRCNNConfig.min_size must be >= 1, got 0"),
+        (dict(num_classes=True), TypeError, r"MaskRCNNConfig.num_classes must be an integer"),
+        (dict(box_score_thresh=float("nan")), TypeError, r"box_score_thresh must be a finite number"),
+        (dict(image_std=(1.0, 0.0, 1.0)), ValueError, r"MaskRCNNConfig.image_std must be > 0"),
+        (dict(bbox_reg_weights=(1.0, 1.0)), TypeError, r"bbox_reg_weights must be a tuple of 4 floats"),
+        (dict(backbone="vgg16"), ValueError, r"MaskRCNNConfig.backbone must be a torchvision ResNet"),
+        (dict(trainable_backbone_layers=6), ValueError, r"trainable_backbone_layers must be in \[0, 5\]"),
+        (dict(rpn_bg_iou_thresh=0.8), ValueError, r"rpn_bg_iou_thresh = 0.8 must be <= rpn_fg_iou_thresh = 0.7"),
+        (dict(mask_size=14), ValueError, r"mask_size = 14 must be 2 \* mask_roi_size = 28"),
+    ]  # fmt: skip
+    for fields, error, match in bad:
+        with pytest.raises(error, match=match):
+            mrcnn.MaskRCNNConfig(**fields)
+        with pytest.raises(error, match=match):
+            dataclasses.replace(cfg, **fields)
 
 
 def test_forward_rejects_uncollated_images() -> None:

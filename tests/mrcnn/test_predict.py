@@ -123,3 +123,23 @@ def test_predict_cli_score_threshold_filters_drawing(checkpoint: Path, tmp_path:
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "a.png")), image)
     # The results JSON holds every detection, whatever the drawing threshold.
     assert json.loads((tmp_path / "o" / "results.json").read_text())
+
+
+def test_output_names_are_distinct() -> None:
+    paths = ["a/x.png", "b/x.png", "x_1.png", "c/X.jpg", "y.png"]
+    assert predict.output_names(paths) == ["x.png", "x_1.png", "x_1_1.png", "X_2.png", "y.png"]
+
+
+def test_predict_cli_gives_same_named_inputs_their_own_pictures(checkpoint: Path, tmp_path: Path) -> None:
+    """a/x.png, b/x.png and x_1.png: three pictures, each of its own input (nothing drawn at threshold 1.01)."""
+    shapes = ShapesDataset("val", 3, image_size=32, seed=5)
+    paths = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "x_1.png"]
+    for i, path in enumerate(paths):
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(shapes.generate(i)[0]).save(path)
+    out = tmp_path / "out"
+    predict.main(["--checkpoint", str(checkpoint), *map(str, paths), "--out", str(out), "--score-threshold", "1.01",
+                  "--backend", "torch", "--batch-size", "2"])  # fmt: skip
+    assert sorted(p.name for p in out.glob("*.png")) == ["x.png", "x_1.png", "x_1_1.png"]
+    for path, name in zip(paths, ("x.png", "x_1.png", "x_1_1.png"), strict=True):
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(path))), name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrcnn import MaskRCNN, train
-from mrcnn.checkpoint import atomic_save, load_checkpoint, load_model
+from mrcnn import MaskRCNN, engine, train
+from mrcnn.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model
+from mrcnn.cli import Process
 from mrcnn.data import ShapesDataset, write_coco
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +58,7 @@ def _log(out: Path) -> list[dict]:
 
 
 def _losses(out: Path) -> list[list[float]]:
-    return [[r[k] for k in ("loss", *train.LOSS_NAMES)] for r in _log(out) if "loss" in r]
+    return [[r[k] for k in ("loss", *engine.LOSS_NAMES)] for r in _log(out) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +74,9 @@ def test_outputs(full_run: Path) -> None:
     log = _log(full_run)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     for r in log:
-        assert {"epoch", "lr", "loss", "grad_norm", "images_per_s", "time", "skipped", *train.LOSS_NAMES} <= set(r)
+        assert {"epoch", "lr", "loss", "grad_norm", "images_per_s", "time", "skipped", *engine.LOSS_NAMES} <= set(r)
         assert math.isfinite(r["loss"]) and not r["skipped"]
-        assert r["loss"] == pytest.approx(sum(r[k] for k in train.LOSS_NAMES))
+        assert r["loss"] == pytest.approx(sum(r[k] for k in engine.LOSS_NAMES))
     # Warm-up: the learning rate rises over the first two steps.
     assert log[0]["lr"] < log[1]["lr"]
     assert (full_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -87,10 +89,12 @@ def test_outputs(full_run: Path) -> None:
     assert ckpt["step"] == 4 and ckpt["sampler"] == {"epoch": 0, "batch": 4, "seed": 0}
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "config", "classes", "label_to_cat"} <= set(ckpt)
     assert not list(full_run.glob(".*.tmp*")), "temporary files left behind"
-    # Loadable by our loader and by MaskRCNN.from_torchvision_checkpoint (with the config it carries).
+    # Loadable by our loader and by MaskRCNN.from_torchvision_checkpoint, both with the config it carries (a
+    # 64 px model reloads at 64 px, not at torchvision's 800).
     model, _ = load_model(full_run / "checkpoint.pt")
-    assert model.config.fpn_channels == 32 and model.config.num_classes == 5
-    again = MaskRCNN.from_torchvision_checkpoint(full_run / "checkpoint.pt", model.config)
+    assert model.config.fpn_channels == 32 and model.config.num_classes == 5 and model.config.min_size == 64
+    again = MaskRCNN.from_torchvision_checkpoint(full_run / "checkpoint.pt")
+    assert again.config == model.config and again.training
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -160,7 +164,7 @@ def _nan_at(at: int):
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(MaskRCNN, "forward", _nan_at(3))
-    with pytest.raises(train.NonFiniteError, match=r"non-finite loss at step 3 \(.*loss_mask=nan"):
+    with pytest.raises(engine.NonFiniteError, match=r"non-finite loss at step 3 \(.*loss_mask=nan"):
         _train(tmp_path, "--iters", "4", "--no-eval", "--checkpoint-every", "2")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 2
@@ -180,6 +184,22 @@ def test_skip_nonfinite_continues_with_finite_weights(tmp_path: Path, monkeypatc
     assert all(torch.isfinite(v).all() for s in ckpt["optimizer"]["state"].values() for v in s.values())
 
 
+def test_bad_ground_truth_stops_before_the_forward_naming_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN box in the data is reported as such (step, image id, field), not as a non-finite loss."""
+    getitem = ShapesDataset.__getitem__
+
+    def nan_box(dataset, index):
+        image, target = getitem(dataset, index)
+        return image, {**target, "boxes": torch.full_like(target["boxes"], float("nan"))}
+
+    monkeypatch.setattr(ShapesDataset, "__getitem__", nan_box)
+    match = r"step 1, batch of image_id \[\d+, \d+\]: targets\[\d\]\['boxes'\]\[0\] = .* is not finite"
+    with pytest.raises(ValueError, match=match):
+        _train(tmp_path, "--iters", "1", "--no-eval")
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp(tmp_path: Path, amp: str) -> None:
     _train(tmp_path, "--iters", "2", "--no-eval", "--amp", amp)
@@ -197,10 +217,119 @@ def test_compile_flag(tmp_path: Path) -> None:
 
 
 def test_bad_options_are_rejected(capsys: pytest.CaptureFixture) -> None:
-    for argv in (["--lr", "inf"], ["--lr", "nan"], ["--iters", "0"], ["--set", "no_such_field=1"], ["--data", "coco"]):
+    for argv in (["--lr", "inf"], ["--lr", "nan"], ["--iters", "0"], ["--set", "no_such_field=1"], ["--data", "coco"],
+                 ["--image-size", "0"]):  # fmt: skip
         with pytest.raises(SystemExit):
             train.parse_args(argv)
     assert "--lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--set", "fpn_channels=wide"], r"--set: fpn_channels=wide: MaskRCNNConfig.fpn_channels must be an integer"),
+        (["--set", "min_size=0"], r"--set: min_size=0: MaskRCNNConfig.min_size must be >= 1"),
+        (["--set", "box_nms_thresh=1.5"], r"--set: box_nms_thresh=1.5: .*box_nms_thresh must be in \[0, 1\]"),
+        (["--set", "anchor_sizes=(32, 64)"], r"--set: anchor_sizes=\(32, 64\): .*anchor_sizes must be a tuple of 5"),
+        (["--set", "head=v3"], r"--set: head=v3: MaskRCNNConfig.head must be 'v1' or 'v2'"),
+        (["--backbone", "vgg16"], r"--backbone: vgg16: MaskRCNNConfig.backbone must be a torchvision ResNet"),
+    ],
+)
+def test_config_options_are_checked_against_the_field(argv: list[str], match: str, capsys) -> None:
+    """A --set / --backbone value of the wrong type or range is a usage error naming the argument and the
+    field, not a failure deep inside torch."""
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert re.search(match, capsys.readouterr().err)
+    assert dict([train._config_override("anchor_sizes=[8, 16, 32, 64, 128]")])["anchor_sizes"] == (8, 16, 32, 64, 128)
+
+
+def test_prepare_resolves_the_run_without_changing_the_options(full_run: Path) -> None:
+    """prepare: the output folder of --resume, the COCO learning rate (0.02 per 16 images), the checkpoint's
+    config; args stay as parsed (the checkpoint's "args" record the resolved values instead)."""
+    args = train.parse_args([*TINY, "--resume", str(full_run / "checkpoint.pt"), "--no-eval"])
+    args.lr = None  # as the COCO preset leaves it
+    parsed = dict(vars(args))
+    with Process(None) as process:
+        setup = train.prepare(args, process, MaskRCNN)
+    assert vars(args) == parsed
+    assert setup.out == full_run and setup.lr == pytest.approx(0.02 * 2 / 16) and setup.val_dataset is None
+    assert setup.config == load_model(full_run / "checkpoint.pt")[0].config and setup.checkpoint["step"] == 4
+    saved = load_checkpoint(full_run / "checkpoint.pt")["args"]
+    assert saved["out"] == str(full_run) and saved["lr"] == 1e-3
+
+
+def test_bad_checkpoints_name_the_file(tmp_path: Path) -> None:
+    """Empty, truncated, non-dict and foreign checkpoints: an error naming the file, from every loader."""
+    torch.save({"model": {"w": torch.zeros(100)}, "step": 1}, tmp_path / "whole.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:200])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for name in ("empty.pt", "truncated.pt", "tensor.pt"):
+        with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / name))):
+            load_checkpoint(tmp_path / name)
+    # A dict without Mask R-CNN weights: not loadable as a model, nor as --init weights.
+    foreign = tmp_path / "whole.pt"
+    for load in (load_model, MaskRCNN.from_torchvision_checkpoint, train.load_init_state):
+        with pytest.raises(CheckpointError, match=re.escape(f"{foreign} holds no Mask R-CNN weights")):
+            load(foreign)
+
+
+def test_resume_from_a_foreign_checkpoint_names_the_file(tmp_path: Path) -> None:
+    """A torchvision state dict given to --resume (it belongs to --init), and the CLI's one-line error."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    foreign = tmp_path / "torchvision.pth"
+    torch.save(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3).state_dict(), foreign)
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(foreign))} is not a training checkpoint.*use --init"):
+        _train(tmp_path / "out", "--resume", str(foreign))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "mrcnn.train", "--resume", str(tmp_path / "empty.pt"), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot read checkpoint {tmp_path / 'empty.pt'}")
+
+
+def test_resume_rejects_options_that_conflict_with_the_checkpoint(full_run: Path, tmp_path: Path) -> None:
+    """--resume keeps the checkpoint's config: a --set / --backbone that differs from it (or an --init) is an
+    error naming the option, not silently ignored. Equal values pass (test_resume_is_bit_exact)."""
+    ckpt = str(full_run / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"--set fpn_channels=64 \(the checkpoint has 32\)"):
+        _train(tmp_path, "--iters", "4", "--resume", ckpt, "--set", "fpn_channels=64")
+    with pytest.raises(CheckpointError, match=r"--backbone resnet34 \(the checkpoint has 'resnet18'\)"):
+        _train(tmp_path, "--iters", "4", "--resume", ckpt, "--backbone", "resnet34")
+    with pytest.raises(CheckpointError, match=r"--init .* with --resume"):
+        _train(tmp_path, "--iters", "4", "--resume", ckpt, "--init", ckpt)
+
+
+def test_resume_drops_a_torn_last_log_line_and_rewrites_the_log_atomically(
+    full_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(full_run, tmp_path, dirs_exist_ok=True)
+    log = tmp_path / "log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 5, "epoch": 0, "lr": 0.0')  # the process died writing step 5's line
+    torn = log.read_bytes()
+    # A crash while the log is rewritten leaves it as it was, and no temporary file.
+    real_write_text = Path.write_text
+
+    def crash(path, text, *args, **kwargs):
+        real_write_text(path, text[: len(text) // 2], *args, **kwargs)
+        raise _Crash("simulated crash while rewriting the log")
+
+    monkeypatch.setattr(Path, "write_text", crash)
+    with pytest.raises(_Crash):
+        _train(tmp_path, "--iters", "4", "--no-eval", "--resume")
+    monkeypatch.undo()
+    assert log.read_bytes() == torn and not list(tmp_path.glob(".*.tmp*"))
+    # The resume itself: nothing left to train at --iters 4; the torn line is gone, the four records stay.
+    _train(tmp_path, "--iters", "4", "--no-eval", "--resume")
+    assert _log(tmp_path) == _log(full_run)
+    # A bad line before the last is not a torn write: an error naming the file and line.
+    log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{log}, line 2: not a JSON record")):
+        _train(tmp_path, "--iters", "4", "--no-eval", "--resume")
 
 
 def test_ddp_two_gloo_ranks_match_one_process_accumulating(tmp_path: Path) -> None:
@@ -288,4 +417,3 @@ def test_init_from_a_torchvision_resnet(tmp_path: Path) -> None:
     for name in ("conv1.weight", "layer4.1.conv2.weight", "layer2.0.bn1.running_var"):
         assert torch.equal(body[name], state[name]), name
     assert not model.backbone.body.layer1[0].conv1.weight.requires_grad  # frozen stage
-

@@ -1,0 +1,188 @@
+"""What the command lines ``mrcnn.train``, ``mrcnn.evaluate`` and ``mrcnn.predict`` share: the process set-up
+(CPU environment, device, torch.distributed, kernels' backend), their device and data options, and atomic
+file writes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
+
+import kernels
+
+from .data import build_dataset
+
+__all__ = [
+    "CPU_ENV", "Process", "add_data_args", "add_device_args", "base_dataset", "build_eval_dataset", "positive_int",
+    "reexec_for_cpu", "select_device", "use_backend", "write_json", "write_text",
+]  # fmt: skip
+
+# Set for CPU runs by ``reexec_for_cpu`` where the user has not set them. Measured on a 2-core machine, one
+# training step of the shapes preset with 2 threads:
+#   idle machine:              default 0.37 s, GOMP_SPINCOUNT=10000 0.38 s, OMP_WAIT_POLICY=PASSIVE 0.52 s
+#   3 busy processes beside:   default 3.3 s,  GOMP_SPINCOUNT=10000 1.4 s,  OMP_WAIT_POLICY=PASSIVE 1.2 s
+# GNU OpenMP's threads spin ~300,000 times before they sleep; on a shared CPU the spinning thread holds
+# the core its sibling needs. A short spin keeps the idle speed and most of the loaded one. MKL's GEMMs
+# otherwise differ in the last bit between processes (memory alignment), which would break bit-exact
+# --resume; strict conditional numerical reproducibility costs nothing measurable here. (Not glibc's
+# MALLOC_TRIM_THRESHOLD_: setting it freezes malloc's mmap threshold at 128 KiB, and page faults then
+# doubled the step time.)
+CPU_ENV = {"GOMP_SPINCOUNT": "10000", "MKL_CBWR": "AUTO,STRICT"}
+
+
+def reexec_for_cpu(module: str) -> None:
+    """Re-run this command (``python -m module``) with the ``CPU_ENV`` variables the user has not set (no
+    ``GOMP_SPINCOUNT`` when ``OMP_WAIT_POLICY`` is set), when there is no GPU.
+
+    They are read when the OpenMP runtime and MKL start, i.e. before ``import torch``: hence the
+    restart (``os.execv`` keeps the pid, so torchrun still tracks the process).
+    """
+    if torch.cuda.is_available():
+        return
+    missing = {k: v for k, v in CPU_ENV.items() if k not in os.environ}
+    if "OMP_WAIT_POLICY" in os.environ:
+        missing.pop("GOMP_SPINCOUNT", None)
+    if not missing:
+        return
+    os.environ.update(missing)
+    os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, processes, backend
+# ----------------------------------------------------------------------------------------------
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--backend``."""
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                        help="kernels' implementation: auto = Triton on CUDA, torch on CPU")  # fmt: skip
+
+
+def select_device(name: str | None) -> torch.device:
+    """``--device``, or CUDA when there is a GPU, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def use_backend(name: str) -> contextlib.AbstractContextManager:
+    """``--backend``: ``kernels.use_backend(name)``, or nothing for ``auto`` (each tensor's own choice)."""
+    return kernels.use_backend(name) if name != "auto" else contextlib.nullcontext()
+
+
+class Process:
+    """This process's device, rank and world size. Under ``torchrun`` (``WORLD_SIZE > 1``) it joins the
+    process group, NCCL on CUDA and gloo on CPU; as a context manager it leaves the group on exit.
+
+    On CUDA each rank takes GPU ``LOCAL_RANK`` before it joins, so that what the group sets up on the
+    current device (NCCL's communicators, ``barrier``) lands on the rank's own GPU rather than on GPU 0.
+    """
+
+    def __init__(self, device: str | None) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.distributed = self.world_size > 1
+        self.device = select_device(device)
+        self.rank = 0
+        if self.distributed:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.rank = dist.get_rank()
+        self.is_main = self.rank == 0
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data options
+# ----------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The evaluation data options shared by ``mrcnn.train`` and ``mrcnn.evaluate``."""
+    parser.add_argument("--data", choices=("shapes", "coco"), default="shapes",
+                        help="built-in synthetic shapes (default) or COCO-format files")  # fmt: skip
+    parser.add_argument("--val-ann", help="COCO instances JSON to evaluate on (--data coco)")
+    parser.add_argument("--val-images", help="image folder of --val-ann")
+    parser.add_argument("--val-size", type=positive_int, default=None,
+                        help="evaluate on the first N images (shapes: the val split's size, default 200)")  # fmt: skip
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="shapes only: image side in pixels (default: the model's min_size; 128)")  # fmt: skip
+    parser.add_argument("--data-seed", type=int, default=0, help="shapes only: the dataset's seed")
+
+
+def build_eval_dataset(args: argparse.Namespace, config_image_size: int | None = None) -> Dataset:
+    """The evaluation dataset named by ``--data`` (``shapes`` val split, or ``--val-ann``/``--val-images``),
+    cut to the first ``--val-size`` images when given."""
+    if args.data == "shapes":
+        size = args.image_size or config_image_size or 128
+        dataset: Dataset = build_dataset("shapes", "val", num_images=args.val_size or 200, image_size=size,
+                                         seed=args.data_seed)  # fmt: skip
+    else:
+        if not (args.val_ann and args.val_images):
+            raise SystemExit("error: --data coco needs --val-ann and --val-images for evaluation")
+        dataset = build_dataset("coco", "val", ann_file=args.val_ann, image_dir=args.val_images)
+        if args.val_size:
+            dataset = Subset(dataset, range(min(args.val_size, len(dataset))))
+    return dataset
+
+
+def base_dataset(dataset: Dataset) -> Any:
+    """The dataset under any ``Subset`` wrappers (``--train-size`` / ``--val-size`` cut COCO data with one):
+    where ``classes`` and ``label_to_cat`` live."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    """``text`` to ``path`` through a temporary file and ``os.replace``: readers, and a process that dies
+    while writing, see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """JSON to ``path``, atomically (``write_text``)."""
+    write_text(json.dumps(obj, indent=1), path)
