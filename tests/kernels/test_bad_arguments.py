@@ -146,12 +146,36 @@ COORDS = st.one_of(
 )
 
 
+# The interpreter loops over a bin's samples one at a time (~0.1 ms each): an adaptive grid at its cap, 1024^2
+# samples per bin, runs for hours, and a hostile box (±1e30) reaches it. Such calls take a fixed ratio instead; the
+# cap itself is tested along one axis in test_roi_align.py (1024 samples, ~10 s).
+INTERPRETER_SAMPLES_PER_BIN = 256
+
+
+def _adaptive_samples_per_bin(rois: torch.Tensor, output_size: object, spatial_scale: float, aligned: bool) -> int:
+    """The largest adaptive grid (samples per bin) of the call's RoIs, by the documented rule, in float32."""
+    if not rois.numel() or not isinstance(output_size, (int, tuple)):
+        return 0
+    ph, pw = output_size if isinstance(output_size, tuple) else (output_size, output_size)
+    if min(ph, pw) <= 0:
+        return 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        xy = rois[:, 1:].numpy() * np.float32(spatial_scale) - np.float32(0.5 if aligned else 0.0)
+        w, h = xy[:, 2] - xy[:, 0], xy[:, 3] - xy[:, 1]
+    finite = np.isfinite(xy).all(1) & np.isfinite(w) & np.isfinite(h)
+    if not aligned:
+        w, h = np.maximum(w, 1), np.maximum(h, 1)
+    grid = [min(math.ceil(hh / ph), MAX_SAMPLES_PER_SIDE) * min(math.ceil(ww / pw), MAX_SAMPLES_PER_SIDE)
+            for hh, ww, ok in zip(h, w, finite) if ok and hh > 0 and ww > 0]  # fmt: skip
+    return max(grid, default=0)
+
+
 @st.composite
 def hostile_calls(draw) -> dict:
     k = draw(st.integers(0, 3))
     rois = [[float(draw(st.sampled_from([0, 1, -1, 2, 0.5, math.nan])))] + [draw(COORDS) for _ in range(4)]
             for _ in range(k)]  # fmt: skip
-    return dict(
+    call = dict(
         rois=torch.tensor(rois, dtype=torch.float32).reshape(k, 5),
         output_size=draw(st.sampled_from([1, 2, (1, 3), 0, 2.5])),
         spatial_scale=draw(st.sampled_from([1.0, 0.25, 4.0, 1e30, 1e39, 0.0, math.inf])),
@@ -159,6 +183,11 @@ def hostile_calls(draw) -> dict:
         aligned=draw(st.booleans()),
         pool_mode=draw(st.sampled_from(["avg", "max"])),
     )
+    adaptive = call["sampling_ratio"] <= 0
+    samples = _adaptive_samples_per_bin(call["rois"], call["output_size"], call["spatial_scale"], call["aligned"])
+    if adaptive and samples > INTERPRETER_SAMPLES_PER_BIN:
+        call["sampling_ratio"] = draw(st.sampled_from([1, 2]))
+    return call
 
 
 def _run(backend: str, x: torch.Tensor, call: dict) -> tuple[str, torch.Tensor | None, torch.Tensor | None]:
