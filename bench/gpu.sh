@@ -18,7 +18,8 @@
 # later if it hangs.
 #   tests (130 s)  pytest -m cuda over tests/, no -x, 90 s per test (pytest-timeout, where installed):
 #                  tests.log, tests.xml (JUnit)
-#   ops   (150 s)  python -m bench, every suite but the model: ops.json (rewritten after each suite; a suite
+#   ops   (150 s)  python -m bench, every suite but the model and export (AOTInductor compiles for minutes;
+#                  run it alone: python -m bench --only export): ops.json (rewritten after each suite; a suite
 #                  over its share gets SIGINT and keeps its finished rows), ops.log
 #   profile (40 s) python -m bench.profile: wall against device time per call of the mask-loss and RoIAlign
 #                  cases, with their heaviest kernels (is a slow row the host or the kernel?): profile.log
@@ -131,7 +132,7 @@ run_stage tests "${TESTS_S:-130}" "$PY" -m pytest tests -m "${GPU_TEST_MARKS:-cu
 # The runner's own budget ends 30 s before the stage's: imports and baselines, and the SIGINT grace.
 ops_s="${OPS_S:-150}"
 model_s="${MODEL_S:-$( ((dry_run)) && echo 150 || echo 90)}"  # the CPU's training steps take ~10 s each
-run_stage ops "$ops_s" "$PY" -m bench "${quick[@]}" ${OPS_ONLY:+--only "$OPS_ONLY"} --skip model --max-time 0.2 \
+run_stage ops "$ops_s" "$PY" -m bench "${quick[@]}" ${OPS_ONLY:+--only "$OPS_ONLY"} --skip model,export --max-time 0.2 \
   --time-budget $((ops_s - 30)) --out-dir "$OUT" --name ops --no-report
 run_stage profile "${PROFILE_S:-40}" "$PY" -m bench.profile "${quick_profile[@]}"
 run_stage model "$model_s" "$PY" -m bench "${quick[@]}" --only model --time-budget $((model_s - 25)) \

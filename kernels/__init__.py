@@ -6,7 +6,7 @@ vectorized torch implementation of the same math (or the Triton kernels under
 ``torch.ops.mrcnn`` with a fake implementation, so ``torch.compile(fullgraph=True)`` traces through.
 """
 
-from ._backend import backend_for, use_backend
+from ._backend import backend_for, cpu_decompositions, use_backend
 from .box_coder import BoxCoder, decode_boxes, encode_boxes
 from .mask_loss import mask_loss, maskrcnn_loss
 from .nms import batched_nms, nms, nms_fixed
@@ -17,6 +17,7 @@ from .roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_a
 __all__ = [
     "backend_for",
     "use_backend",
+    "cpu_decompositions",
     "roi_align",
     "RoIAlign",
     "multiscale_roi_align",

@@ -50,6 +50,24 @@ def backend_for(t: torch.Tensor) -> str:
     return "triton" if INTERPRET and t.device.type == "cpu" else "torch"
 
 
+# The forward ops whose torch path traces with fake tensors into static-shape aten ops (tests/kernels/
+# test_decompose.py). nms/batched_nms are not among them: their output size is the data's.
+TRACEABLE_OPS = ("roi_align", "multiscale_roi_align", "decode_boxes", "encode_boxes", "nms_fixed", "paste_masks")
+
+
+def cpu_decompositions() -> dict:
+    """``{torch.ops.mrcnn.<op>.default: its Python implementation}`` for ``ExportedProgram.run_decompositions``.
+
+    ``torch.export`` keeps each of our ops as one opaque node, which an AOTInductor package could only call
+    back through this project. Decomposed with its own implementation, an op is traced on fake CPU tensors,
+    which take the torch path (``backend_for``): the graph then holds aten ops only. RoIAlign's adaptive
+    sampling and max mode have data-dependent sample grids and raise a ``ValueError`` when traced.
+    """
+    from torch._library.custom_ops import _maybe_get_opdef
+
+    return {getattr(torch.ops.mrcnn, op).default: _maybe_get_opdef(f"mrcnn::{op}")._init_fn for op in TRACEABLE_OPS}
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force ``"torch"`` or ``"triton"`` for the ops called inside the ``with`` block."""

@@ -138,7 +138,11 @@ def _clamp_torch(x: Tensor, hi: Tensor) -> Tensor:
     return torch.minimum(torch.clamp(x, min=0.0), hi)
 
 
-def _decode_torch(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh, out, valid):
+# The torch path builds new tensors with out-of-place ops instead of filling the launchers' buffers: decomposing
+# an op for torch.export (a CPU package of aten ops) needs an entirely functional graph.
+
+
+def _decode_torch(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh) -> tuple[Tensor, Tensor]:
     (x1, x2, *_), (y1, y2, *_) = _decode_parts_torch(deltas, boxes, weights, clip)
     if image_sizes is not None:
         size = image_sizes.to(x1.dtype)
@@ -146,18 +150,19 @@ def _decode_torch(deltas, boxes, weights, clip, image_sizes, min_size, scores, s
         # torch.minimum propagates NaN, like torch.clamp.
         x1, x2 = _clamp_torch(x1, img_w), _clamp_torch(x2, img_w)
         y1, y2 = _clamp_torch(y1, img_h), _clamp_torch(y2, img_h)
-    out.copy_(torch.stack((x1, y1, x2, y2), dim=2))
-    if valid.numel():
-        ok = torch.ones_like(valid)
-        if min_size is not None:
-            # In the output dtype, comparing with a Python number: exactly remove_small_boxes.
-            ok &= (out[..., 2] - out[..., 0] >= min_size) & (out[..., 3] - out[..., 1] >= min_size)
-        if scores is not None:
-            ok &= scores > score_thresh
-        valid.copy_(ok)
+    out = torch.stack((x1, y1, x2, y2), dim=2).to(deltas.dtype)
+    if min_size is None and scores is None:
+        return out, deltas.new_empty((0,), dtype=torch.bool)
+    valid = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+    if min_size is not None:
+        # In the output dtype, comparing with a Python number: exactly remove_small_boxes.
+        valid = valid & (out[..., 2] - out[..., 0] >= min_size) & (out[..., 3] - out[..., 1] >= min_size)
+    if scores is not None:
+        valid = valid & (scores > score_thresh)
+    return out, valid
 
 
-def _decode_backward_torch(grad, deltas, boxes, weights, clip, image_sizes, grad_deltas, grad_boxes):
+def _decode_backward_torch(grad, deltas, boxes, weights, clip, image_sizes) -> tuple[Tensor, Tensor]:
     (x1, x2, w, dx, ex, ux), (y1, y2, h, dy, ey, uy) = _decode_parts_torch(deltas, boxes, weights, clip)
     g = grad.to(x1.dtype)
     g1, h1, g2, h2 = g.unbind(2)
@@ -172,22 +177,23 @@ def _decode_backward_torch(grad, deltas, boxes, weights, clip, image_sizes, grad
     gdw = torch.where(ux, (g2 - g1) * (0.5 * (ex * w)) / ww, 0.0)
     gdh = torch.where(uy, (h2 - h1) * (0.5 * (ey * h)) / wh, 0.0)
     gd = torch.stack(((g1 + g2) * w / wx, (h1 + h2) * h / wy, gdw, gdh), dim=2)
-    grad_deltas.copy_(gd.reshape(grad_deltas.shape))
     gw = g1 * (dx + 0.5 - 0.5 * ex) + g2 * (dx + 0.5 + 0.5 * ex)
     gh = h1 * (dy + 0.5 - 0.5 * ey) + h2 * (dy + 0.5 + 0.5 * ey)
-    grad_boxes.copy_(torch.stack(((g1 + g2 - gw).sum(1), (h1 + h2 - gh).sum(1), gw.sum(1), gh.sum(1)), dim=1))
+    grad_boxes = torch.stack(((g1 + g2 - gw).sum(1), (h1 + h2 - gh).sum(1), gw.sum(1), gh.sum(1)), dim=1)
+    return gd.reshape(deltas.shape).to(deltas.dtype), grad_boxes.to(boxes.dtype)
 
 
-def _encode_torch(reference_boxes, proposals, weights, out):
-    acc = acc_dtype(out.dtype)
-    g = reference_boxes.to(out.dtype).to(acc)
-    p = proposals.to(out.dtype).to(acc)
+def _encode_torch(reference_boxes, proposals, weights) -> Tensor:
+    dtype = torch.promote_types(reference_boxes.dtype, proposals.dtype)
+    acc = acc_dtype(dtype)
+    g = reference_boxes.to(dtype).to(acc)
+    p = proposals.to(dtype).to(acc)
     pw, ph = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
     gw, gh = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
     wx, wy, ww, wh = weights
     tx = wx * ((g[:, 0] + 0.5 * gw) - (p[:, 0] + 0.5 * pw)) / pw
     ty = wy * ((g[:, 1] + 0.5 * gh) - (p[:, 1] + 0.5 * ph)) / ph
-    out.copy_(torch.stack((tx, ty, ww * torch.log(gw / pw), wh * torch.log(gh / ph)), dim=1))
+    return torch.stack((tx, ty, ww * torch.log(gw / pw), wh * torch.log(gh / ph)), dim=1).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,9 +222,11 @@ def _decode_boxes_op(
 ) -> tuple[Tensor, Tensor]:
     """``(boxes [R, K, 4], valid [R, K] bool, or [0] without min_size and scores)``; see ``decode_boxes``."""
     _validate_decode(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh)
+    args = (deltas, boxes, _check_weights(weights), clip, image_sizes, min_size, scores, score_thresh)
+    if backend_for(deltas) != "triton":
+        return _decode_torch(*args)
     out, valid = _decode_outputs(deltas, min_size, scores)
-    impl = decode_triton if backend_for(deltas) == "triton" else _decode_torch
-    impl(deltas, boxes, _check_weights(weights), clip, image_sizes, min_size, scores, score_thresh, out, valid)
+    decode_triton(*args, out, valid)
     return out, valid
 
 
@@ -238,10 +246,12 @@ def _decode_boxes_backward_op(
     image_sizes: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``decode_boxes`` w.r.t. ``(deltas [R, K*4], boxes [R, 4])``."""
+    args = (grad, deltas, boxes, _check_weights(weights), clip, image_sizes)
+    if backend_for(deltas) != "triton":
+        return _decode_backward_torch(*args)
     grad_deltas = torch.empty_like(deltas, memory_format=torch.contiguous_format)
     grad_boxes = torch.empty_like(boxes, memory_format=torch.contiguous_format)
-    impl = decode_backward_triton if backend_for(deltas) == "triton" else _decode_backward_torch
-    impl(grad, deltas, boxes, _check_weights(weights), clip, image_sizes, grad_deltas, grad_boxes)
+    decode_backward_triton(*args, grad_deltas, grad_boxes)
     return grad_deltas, grad_boxes
 
 
@@ -278,9 +288,10 @@ def _encode_output(reference_boxes: Tensor, proposals: Tensor) -> Tensor:
 def _encode_boxes_op(reference_boxes: Tensor, proposals: Tensor, weights: list[float]) -> Tensor:
     """Regression targets ``[N, 4]`` of ``reference_boxes`` w.r.t. ``proposals``; see ``encode_boxes``."""
     _validate_encode(reference_boxes, proposals, weights)
+    if backend_for(reference_boxes) != "triton":
+        return _encode_torch(reference_boxes, proposals, _check_weights(weights))
     out = _encode_output(reference_boxes, proposals)
-    impl = encode_triton if backend_for(reference_boxes) == "triton" else _encode_torch
-    impl(reference_boxes, proposals, _check_weights(weights), out)
+    encode_triton(reference_boxes, proposals, _check_weights(weights), out)
     return out
 
 

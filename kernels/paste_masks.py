@@ -314,8 +314,8 @@ def _axis_torch(
     l1 = torch.where(inside, (src - i0.to(dtype)).clamp(0, 1), 0.0)
     l0 = torch.where(inside, 1 - l1, 0.0)
     weights = torch.zeros(*inside.shape, padded, dtype=dtype, device=lo.device)
-    weights.scatter_add_(2, i0[..., None], l0[..., None]).scatter_add_(2, i1[..., None], l1[..., None])
-    return weights
+    # Out of place: decomposing the op for torch.export needs a functional graph.
+    return weights.scatter_add(2, i0[..., None], l0[..., None]).scatter_add(2, i1[..., None], l1[..., None])
 
 
 def _resize_matrices(

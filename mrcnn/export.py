@@ -1,0 +1,173 @@
+"""Export a Mask R-CNN for deployment: ``torch.export`` and an AOTInductor package that runs without this project.
+
+``python -m mrcnn.export --checkpoint CKPT --out model.pt2 [--device cpu|cuda] [--batch-size B]
+[--image-size H W]`` writes ``model.pt2`` and, next to it, ``model.json`` (what a caller needs: the input
+contract, ``size_divisible``, class names, ``detections_per_img``, mask size).
+
+The package is called as ``runner(images, image_sizes)`` with the two tensors ``mrcnn.collate`` makes
+(``images: Tensor[B, 3, H, W]`` normalised and padded, ``image_sizes: Tensor[B, 2]`` int64) and returns the
+five ``Detections`` fields ``(boxes [B, D, 4], scores [B, D], labels [B, D], masks [B, D, M, M], valid [B, D])``
+in the padded image's pixels. Normalisation (mean/std) and resizing are *not* inside it: ``collate`` does them.
+It needs neither ``kernels`` nor ``mrcnn``: ``torch._inductor.aoti_load_package(path)`` in a bare process.
+
+Shapes are fixed at export (``--batch-size``, ``--image-size``): ``MaskRCNN.forward`` has no data-dependent
+shape, but its top-k sizes are ``min(k, anchors)``, which depend on the image size. Pad a smaller image to the
+exported size with zeros after normalisation (as ``collate`` pads) and give its own size in ``image_sizes``: one
+package serves every image up to that size.
+
+On CPU every op is decomposed into aten ops (``kernels.cpu_decompositions()``: each op's torch path traced on
+fake tensors), so the package holds compiled C++ only. RoIAlign must then use a fixed ``sampling_ratio``
+(torchvision's Mask R-CNN uses 2): the adaptive grid's size is data-dependent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import kernels
+
+from .checkpoint import CheckpointError, load_model
+from .cli import select_device, write_json
+from .model import MaskRCNN
+
+__all__ = ["export_program", "export_package", "package_info", "main"]
+
+
+class _Outputs(nn.Module):
+    """The model's eval forward with a plain tuple out (an AOTInductor package returns a flat list)."""
+
+    def __init__(self, model: MaskRCNN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model(images, image_sizes))
+
+
+def _check(model: MaskRCNN, batch_size: int, image_size: tuple[int, int], device: torch.device) -> None:
+    if model.training:
+        raise ValueError("export needs the model in eval mode (model.eval()): the training graph is not exported")
+    divisible = model.config.size_divisible
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if len(image_size) != 2 or any(s < divisible or s % divisible for s in image_size):
+        raise ValueError(f"image size must be two multiples of size_divisible={divisible}, got {tuple(image_size)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("a CUDA export needs a CUDA device; none is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device}")
+    if model.config.pooler_sampling_ratio <= 0:
+        raise ValueError("export needs a fixed pooler_sampling_ratio > 0 (the adaptive grid is data-dependent)")
+
+
+def example_inputs(
+    batch_size: int, image_size: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images [B, 3, H, W], image_sizes [B, 2])``: what ``collate`` gives for ``B`` images of the full size."""
+    images = torch.zeros(batch_size, 3, *image_size, device=device)
+    return images, torch.tensor([list(image_size)] * batch_size, dtype=torch.int64, device=device)
+
+
+def export_program(
+    model: MaskRCNN, batch_size: int = 1, image_size: tuple[int, int] = (800, 1344), device: str = "cpu"
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` (eval mode) on ``device``; on CPU with every op decomposed into aten ops."""
+    dev = torch.device(device)
+    _check(model, batch_size, tuple(image_size), dev)
+    wrapped = _Outputs(model.to(dev))
+    args = example_inputs(batch_size, tuple(image_size), dev)
+    if dev.type == "cuda":
+        return torch.export.export(wrapped, args, strict=False)
+    with kernels.use_backend("torch"):
+        return torch.export.export(wrapped, args, strict=False).run_decompositions(kernels.cpu_decompositions())
+
+
+def package_info(model: MaskRCNN, batch_size: int, image_size: tuple[int, int], device: str,
+                 classes: Sequence[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The ``model.json`` that goes with a package."""
+    cfg = model.config
+    return {
+        "format": "mrcnn-aoti-1",
+        "device": str(torch.device(device).type),
+        "inputs": {
+            "images": f"float32 [{batch_size}, 3, {image_size[0]}, {image_size[1]}]: resized, normalised with "
+            "image_mean/image_std, then zero-padded (mrcnn.collate)",
+            "image_sizes": f"int64 [{batch_size}, 2]: (h, w) of each resized image before padding",
+        },
+        "outputs": ["boxes", "scores", "labels", "masks", "valid"],
+        "batch_size": batch_size,
+        "image_size": list(image_size),
+        "normalisation_inside": False,
+        "image_mean": list(cfg.image_mean),
+        "image_std": list(cfg.image_std),
+        "min_size": cfg.min_size,
+        "max_size": cfg.max_size,
+        "size_divisible": cfg.size_divisible,
+        "num_classes": cfg.num_classes,
+        "classes": list(classes) if classes is not None else None,
+        "detections_per_img": cfg.detections_per_img,
+        "mask_size": cfg.mask_size,
+    }
+
+
+def export_package(
+    model: MaskRCNN,
+    path: str | Path,
+    batch_size: int = 1,
+    image_size: tuple[int, int] = (800, 1344),
+    device: str = "cpu",
+    classes: Sequence[str] | None = None,
+) -> Path:
+    """Write the AOTInductor package ``path`` (``.pt2``) and ``model.json`` next to it; returns ``path``."""
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"the package must be a .pt2 file, got {path}")
+    program = export_program(model, batch_size, image_size, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    write_json(package_info(model, batch_size, tuple(image_size), device, classes), path.with_name("model.json"))
+    return path
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mrcnn.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--checkpoint", required=True, help="our checkpoint.pt or a torchvision Mask R-CNN one")
+    p.add_argument("--out", required=True, help="the package to write, e.g. model.pt2")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the package runs")
+    p.add_argument("--batch-size", type=int, default=1, help="images per call")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="padded input size, multiples of size_divisible (default: max_size rounded up, "
+                   "square)")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    model, info = load_model(args.checkpoint)
+    divisible = model.config.size_divisible
+    side = -(-model.config.max_size // divisible) * divisible
+    image_size = tuple(args.image_size) if args.image_size else (side, side)
+    path = export_package(model, args.out, args.batch_size, image_size, str(select_device(args.device)),
+                          info.get("classes"))  # fmt: skip
+    print(f"wrote {path} and {path.with_name('model.json')}")
+    return path
+
+
+def cli() -> None:
+    """Console entry point: bad use is one line and exit status 1."""
+    try:
+        main()
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()
