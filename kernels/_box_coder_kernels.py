@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast_rn, ieee_div, round_to
+from ._triton_utils import cast_rn, ieee_div, offset64, round_to
 
 __all__ = ["decode_backward_triton", "decode_triton", "encode_triton"]
 
@@ -85,14 +85,14 @@ def _decode_boxes_fwd_kernel(
     d_row = deltas_ptr + r * deltas_stride_r + 4 * k * deltas_stride_c
     d0 = tl.load(d_row, mask=mask, other=0.0).to(ACC)
     d1 = tl.load(d_row + deltas_stride_c, mask=mask, other=0.0).to(ACC)
-    d2 = tl.load(d_row + 2 * deltas_stride_c, mask=mask, other=0.0).to(ACC)
-    d3 = tl.load(d_row + 3 * deltas_stride_c, mask=mask, other=0.0).to(ACC)
+    d2 = tl.load(d_row + offset64(2, deltas_stride_c), mask=mask, other=0.0).to(ACC)
+    d3 = tl.load(d_row + offset64(3, deltas_stride_c), mask=mask, other=0.0).to(ACC)
     # torchvision first converts the boxes to the deltas' dtype.
     b_row = boxes_ptr + r * boxes_stride_r
     bx1 = cast_rn(tl.load(b_row, mask=mask, other=0.0), OUT).to(ACC)
     by1 = cast_rn(tl.load(b_row + boxes_stride_c, mask=mask, other=0.0), OUT).to(ACC)
-    bx2 = cast_rn(tl.load(b_row + 2 * boxes_stride_c, mask=mask, other=0.0), OUT).to(ACC)
-    by2 = cast_rn(tl.load(b_row + 3 * boxes_stride_c, mask=mask, other=0.0), OUT).to(ACC)
+    bx2 = cast_rn(tl.load(b_row + offset64(2, boxes_stride_c), mask=mask, other=0.0), OUT).to(ACC)
+    by2 = cast_rn(tl.load(b_row + offset64(3, boxes_stride_c), mask=mask, other=0.0), OUT).to(ACC)
 
     c = tl.full((), clip, ACC)
     x1, x2, _w, _dx, _ex, _ux = _decode_axis(d0, d2, bx1, bx2, tl.full((), wx, ACC), tl.full((), ww, ACC), c)
@@ -112,8 +112,8 @@ def _decode_boxes_fwd_kernel(
     o_row = out_ptr + r * out_stride_r + k * out_stride_k
     tl.store(o_row, x1, mask=mask)
     tl.store(o_row + out_stride_c, y1, mask=mask)
-    tl.store(o_row + 2 * out_stride_c, x2, mask=mask)
-    tl.store(o_row + 3 * out_stride_c, y2, mask=mask)
+    tl.store(o_row + offset64(2, out_stride_c), x2, mask=mask)
+    tl.store(o_row + offset64(3, out_stride_c), y2, mask=mask)
 
     if FILTER_SIZE or FILTER_SCORE:
         ok = mask
@@ -170,18 +170,18 @@ def _decode_boxes_bwd_kernel(
     d_ptr = deltas_ptr + r[:, None] * deltas_stride_r + 4 * k[None, :] * deltas_stride_c
     d0 = tl.load(d_ptr, mask=mask, other=0.0).to(ACC)
     d1 = tl.load(d_ptr + deltas_stride_c, mask=mask, other=0.0).to(ACC)
-    d2 = tl.load(d_ptr + 2 * deltas_stride_c, mask=mask, other=0.0).to(ACC)
-    d3 = tl.load(d_ptr + 3 * deltas_stride_c, mask=mask, other=0.0).to(ACC)
+    d2 = tl.load(d_ptr + offset64(2, deltas_stride_c), mask=mask, other=0.0).to(ACC)
+    d3 = tl.load(d_ptr + offset64(3, deltas_stride_c), mask=mask, other=0.0).to(ACC)
     b_row = boxes_ptr + r * boxes_stride_r
     bx1 = cast_rn(tl.load(b_row, mask=row_ok, other=0.0), GD).to(ACC)[:, None]
     by1 = cast_rn(tl.load(b_row + boxes_stride_c, mask=row_ok, other=0.0), GD).to(ACC)[:, None]
-    bx2 = cast_rn(tl.load(b_row + 2 * boxes_stride_c, mask=row_ok, other=0.0), GD).to(ACC)[:, None]
-    by2 = cast_rn(tl.load(b_row + 3 * boxes_stride_c, mask=row_ok, other=0.0), GD).to(ACC)[:, None]
+    bx2 = cast_rn(tl.load(b_row + offset64(2, boxes_stride_c), mask=row_ok, other=0.0), GD).to(ACC)[:, None]
+    by2 = cast_rn(tl.load(b_row + offset64(3, boxes_stride_c), mask=row_ok, other=0.0), GD).to(ACC)[:, None]
     g_ptr = grad_ptr + r[:, None] * grad_stride_r + k[None, :] * grad_stride_k
     g1 = tl.load(g_ptr, mask=mask, other=0.0).to(ACC)
     h1 = tl.load(g_ptr + grad_stride_c, mask=mask, other=0.0).to(ACC)
-    g2 = tl.load(g_ptr + 2 * grad_stride_c, mask=mask, other=0.0).to(ACC)
-    h2 = tl.load(g_ptr + 3 * grad_stride_c, mask=mask, other=0.0).to(ACC)
+    g2 = tl.load(g_ptr + offset64(2, grad_stride_c), mask=mask, other=0.0).to(ACC)
+    h2 = tl.load(g_ptr + offset64(3, grad_stride_c), mask=mask, other=0.0).to(ACC)
 
     c = tl.full((), clip, ACC)
     x1, x2, w, dx, ex, ux = _decode_axis(d0, d2, bx1, bx2, tl.full((), wx, ACC), tl.full((), ww, ACC), c)
@@ -200,8 +200,8 @@ def _decode_boxes_bwd_kernel(
     tl.store(gd_ptr + grad_deltas_stride_c, cast_rn(ieee_div((h1 + h2) * h, tl.full((), wy, ACC)), GD), mask=mask)
     gdw = tl.where(ux, ieee_div((g2 - g1) * (0.5 * (ex * w)), tl.full((), ww, ACC)), 0.0)
     gdh = tl.where(uy, ieee_div((h2 - h1) * (0.5 * (ey * h)), tl.full((), wh, ACC)), 0.0)
-    tl.store(gd_ptr + 2 * grad_deltas_stride_c, cast_rn(gdw, GD), mask=mask)
-    tl.store(gd_ptr + 3 * grad_deltas_stride_c, cast_rn(gdh, GD), mask=mask)
+    tl.store(gd_ptr + offset64(2, grad_deltas_stride_c), cast_rn(gdw, GD), mask=mask)
+    tl.store(gd_ptr + offset64(3, grad_deltas_stride_c), cast_rn(gdh, GD), mask=mask)
 
     gw = g1 * (dx + 0.5 - 0.5 * ex) + g2 * (dx + 0.5 + 0.5 * ex)
     gh = h1 * (dy + 0.5 - 0.5 * ey) + h2 * (dy + 0.5 + 0.5 * ey)
@@ -209,8 +209,8 @@ def _decode_boxes_bwd_kernel(
     gb_row = grad_boxes_ptr + r * grad_boxes_stride_r
     tl.store(gb_row, cast_rn(tl.sum(g1 + g2 - gw, axis=1), GB), mask=row_ok)
     tl.store(gb_row + grad_boxes_stride_c, cast_rn(tl.sum(h1 + h2 - gh, axis=1), GB), mask=row_ok)
-    tl.store(gb_row + 2 * grad_boxes_stride_c, cast_rn(tl.sum(gw, axis=1), GB), mask=row_ok)
-    tl.store(gb_row + 3 * grad_boxes_stride_c, cast_rn(tl.sum(gh, axis=1), GB), mask=row_ok)
+    tl.store(gb_row + offset64(2, grad_boxes_stride_c), cast_rn(tl.sum(gw, axis=1), GB), mask=row_ok)
+    tl.store(gb_row + offset64(3, grad_boxes_stride_c), cast_rn(tl.sum(gh, axis=1), GB), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -239,12 +239,12 @@ def _encode_boxes_kernel(
     # (which the interpreter reports).
     gx1 = cast_rn(tl.load(g, mask=mask, other=0.0), OUT).to(ACC)
     gy1 = cast_rn(tl.load(g + ref_stride_c, mask=mask, other=0.0), OUT).to(ACC)
-    gx2 = cast_rn(tl.load(g + 2 * ref_stride_c, mask=mask, other=1.0), OUT).to(ACC)
-    gy2 = cast_rn(tl.load(g + 3 * ref_stride_c, mask=mask, other=1.0), OUT).to(ACC)
+    gx2 = cast_rn(tl.load(g + offset64(2, ref_stride_c), mask=mask, other=1.0), OUT).to(ACC)
+    gy2 = cast_rn(tl.load(g + offset64(3, ref_stride_c), mask=mask, other=1.0), OUT).to(ACC)
     px1 = cast_rn(tl.load(p, mask=mask, other=0.0), OUT).to(ACC)
     py1 = cast_rn(tl.load(p + prop_stride_c, mask=mask, other=0.0), OUT).to(ACC)
-    px2 = cast_rn(tl.load(p + 2 * prop_stride_c, mask=mask, other=1.0), OUT).to(ACC)
-    py2 = cast_rn(tl.load(p + 3 * prop_stride_c, mask=mask, other=1.0), OUT).to(ACC)
+    px2 = cast_rn(tl.load(p + offset64(2, prop_stride_c), mask=mask, other=1.0), OUT).to(ACC)
+    py2 = cast_rn(tl.load(p + offset64(3, prop_stride_c), mask=mask, other=1.0), OUT).to(ACC)
     pw = px2 - px1
     ph = py2 - py1
     gw = gx2 - gx1
@@ -256,8 +256,8 @@ def _encode_boxes_kernel(
     o = out_ptr + r * out_stride_r
     tl.store(o, cast_rn(tx, OUT), mask=mask)
     tl.store(o + out_stride_c, cast_rn(ty, OUT), mask=mask)
-    tl.store(o + 2 * out_stride_c, cast_rn(tw, OUT), mask=mask)
-    tl.store(o + 3 * out_stride_c, cast_rn(th, OUT), mask=mask)
+    tl.store(o + offset64(2, out_stride_c), cast_rn(tw, OUT), mask=mask)
+    tl.store(o + offset64(3, out_stride_c), cast_rn(th, OUT), mask=mask)
 
 # ----------------------------------------------------------------------------------------------
 # Launchers (validated inputs)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._backend import MAX_SAMPLES_PER_SIDE, autotune_configs, tl_acc_dtype
-from ._triton_utils import loop_bound
+from ._triton_utils import loop_bound, offset64
 
 # Adaptive sampling takes ceil(bin size) samples per bin side; like kernels.roi_align, the count is
 # capped so that an absurd finite box (1e9 pixels) cannot loop for hours.
@@ -137,15 +137,15 @@ def _mask_loss_fwd_kernel(
     label = tl.load(labels_ptr + r * label_stride)
     w = tl.load(weights_ptr + r * weight_stride).to(ACC)
     active = (b >= 0) & (b < B) & (g >= 0) & (g < G) & (label >= 0) & (label < K) & (w != 0)
-    b = tl.where(active, b, 0).to(tl.int64)
-    g = tl.where(active, g, 0).to(tl.int64)
-    label = tl.where(active, label, 0).to(tl.int64)
+    b = tl.where(active, b, 0)
+    g = tl.where(active, g, 0)
+    label = tl.where(active, label, 0)
 
     box = boxes_ptr + r * box_stride_r
     x1 = tl.load(box, mask=active, other=0.0).to(ACC)
     y1 = tl.load(box + box_stride_col, mask=active, other=0.0).to(ACC)
-    x2 = tl.load(box + 2 * box_stride_col, mask=active, other=0.0).to(ACC)
-    y2 = tl.load(box + 3 * box_stride_col, mask=active, other=0.0).to(ACC)
+    x2 = tl.load(box + offset64(2, box_stride_col), mask=active, other=0.0).to(ACC)
+    y2 = tl.load(box + offset64(3, box_stride_col), mask=active, other=0.0).to(ACC)
     # A non-finite box samples nothing (target 0, as kernels.roi_align gives 0 for it); x - x == 0
     # is False for NaN and +-inf. Zeroing its coordinates keeps NaN out of every later conversion.
     ok = active & (x1 - x1 == 0) & (y1 - y1 == 0) & (x2 - x2 == 0) & (y2 - y2 == 0)
@@ -154,7 +154,7 @@ def _mask_loss_fwd_kernel(
     x2 = tl.where(ok, x2, 0.0)
     y2 = tl.where(ok, y2, 0.0)
     if HAS_SIZES:
-        size_row = sizes_ptr + b * size_stride_b
+        size_row = sizes_ptr + offset64(b, size_stride_b)
         h_img = tl.minimum(tl.maximum(tl.load(size_row, mask=ok, other=0), 0), H).to(tl.int32)
         w_img = tl.minimum(tl.maximum(tl.load(size_row + size_stride_col, mask=ok, other=0), 0), W).to(tl.int32)
     else:
@@ -180,21 +180,21 @@ def _mask_loss_fwd_kernel(
     pix = (ph < M)[:, None] & (pw < M)[None, :]
     bin_y = ph.to(ACC)
     bin_x = pw.to(ACC)
-    base = masks_ptr + b * mask_stride_b + g * mask_stride_g
+    base = masks_ptr + offset64(b, mask_stride_b) + offset64(g, mask_stride_g)
 
     acc = tl.zeros((BLOCK_H, BLOCK_W), ACC)
     for iy in range(0, loop_bound(grid_h)):
         y = start_y + bin_y * bin_h + (iy + 0.5) * bin_h / grid_h
         in_y, y_lo, y_hi, hy, ly = _axis(y, h_img, ACC)
-        row_lo = base + y_lo.to(tl.int64)[:, None] * mask_stride_h
-        row_hi = base + y_hi.to(tl.int64)[:, None] * mask_stride_h
+        row_lo = base + offset64(y_lo, mask_stride_h)[:, None]
+        row_hi = base + offset64(y_hi, mask_stride_h)[:, None]
         for ix in range(0, loop_bound(grid_w)):
             x = start_x + bin_x * bin_w + (ix + 0.5) * bin_w / grid_w
             in_x, x_lo, x_hi, hx, lx = _axis(x, w_img, ACC)
             # Outside samples load nothing and contribute 0 (their weights are finite: c = 0).
             m = pix & in_y[:, None] & in_x[None, :]
-            col_lo = x_lo.to(tl.int64)[None, :] * mask_stride_w
-            col_hi = x_hi.to(tl.int64)[None, :] * mask_stride_w
+            col_lo = offset64(x_lo, mask_stride_w)[None, :]
+            col_hi = offset64(x_hi, mask_stride_w)[None, :]
             v1 = tl.load(row_lo + col_lo, mask=m, other=0).to(ACC)
             v2 = tl.load(row_lo + col_hi, mask=m, other=0).to(ACC)
             v3 = tl.load(row_hi + col_lo, mask=m, other=0).to(ACC)
@@ -210,10 +210,9 @@ def _mask_loss_fwd_kernel(
         t = tl.where(t >= 0.5, 1.0, 0.0).to(ACC)
 
     live = pix & active
-    # Every index is int64 before it meets a stride: a permuted [R, K, M, M] tensor can have strides whose
-    # products with an int32 index pass 2**31.
-    logit_offs = (label * logit_stride_k + ph.to(tl.int64)[:, None] * logit_stride_h
-                  + pw.to(tl.int64)[None, :] * logit_stride_w)  # fmt: skip
+    # A permuted [R, K, M, M] tensor can have strides whose products with an int32 index pass 2**31.
+    logit_offs = (offset64(label, logit_stride_k) + offset64(ph, logit_stride_h)[:, None]
+                  + offset64(pw, logit_stride_w)[None, :])  # fmt: skip
     x = tl.load(logits_ptr + r * logit_stride_r + logit_offs, mask=live, other=0.0).to(ACC)
     # Stable BCE: max(x, 0) - x*t + log1p(exp(-|x|)). log1p by Goldberg's formula
     # log(u) * e / (u - 1), u = 1 + e, exact to a few ulp (libdevice's log1p is unavailable under the

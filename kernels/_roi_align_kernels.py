@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._backend import MAX_SAMPLES_PER_SIDE, autotune_configs, tl_acc_dtype
-from ._triton_utils import loop_bound
+from ._triton_utils import loop_bound, offset64
 
 MAX_LEVELS = 5
 MAX_ADAPTIVE_SAMPLES = tl.constexpr(MAX_SAMPLES_PER_SIDE)  # see kernels._backend
@@ -98,16 +98,16 @@ def _load_roi(
     ``valid`` flag (if any) is set. An unusable RoI's values are replaced by zeros so that no later
     arithmetic (sample counts, addresses) sees a NaN or an infinity.
     """
-    row = rois_ptr + k * roi_stride_k
+    row = rois_ptr + offset64(k, roi_stride_k)
     b = tl.load(row).to(ACC)
     x1 = tl.load(row + roi_stride_col).to(ACC)
-    y1 = tl.load(row + 2 * roi_stride_col).to(ACC)
-    x2 = tl.load(row + 3 * roi_stride_col).to(ACC)
-    y2 = tl.load(row + 4 * roi_stride_col).to(ACC)
+    y1 = tl.load(row + offset64(2, roi_stride_col)).to(ACC)
+    x2 = tl.load(row + offset64(3, roi_stride_col)).to(ACC)
+    y2 = tl.load(row + offset64(4, roi_stride_col)).to(ACC)
     # x - x == 0 is False for NaN and for +-inf.
     ok = (b >= 0) & (b < N) & (x1 - x1 == 0) & (y1 - y1 == 0) & (x2 - x2 == 0) & (y2 - y2 == 0)
     if HAS_VALID:
-        ok = ok & (tl.load(valid_ptr + k * valid_stride) != 0)
+        ok = ok & (tl.load(valid_ptr + offset64(k, valid_stride)) != 0)
     n = tl.where(ok, b, 0.0).to(tl.int64)
     return n, tl.where(ok, x1, 0.0), tl.where(ok, y1, 0.0), tl.where(ok, x2, 0.0), tl.where(ok, y2, 0.0), ok
 
@@ -314,17 +314,17 @@ def _roi_align_fwd_kernel(
         sampling_ratio, canonical_scale, canonical_level, k_min, k_max, PH, PW, NUM_LEVELS, ALIGNED, HAS_VALID, ACC,
     )
     feat = _pick(lvl, f0, f1, f2, f3, f4, NUM_LEVELS)
-    s_n = _pick(lvl, sn0, sn1, sn2, sn3, sn4, NUM_LEVELS).to(tl.int64)
-    s_c = _pick(lvl, sc0, sc1, sc2, sc3, sc4, NUM_LEVELS).to(tl.int64)
-    s_h = _pick(lvl, sh0, sh1, sh2, sh3, sh4, NUM_LEVELS).to(tl.int64)
-    s_w = _pick(lvl, sw0, sw1, sw2, sw3, sw4, NUM_LEVELS).to(tl.int64)
+    s_n = _pick(lvl, sn0, sn1, sn2, sn3, sn4, NUM_LEVELS)
+    s_c = _pick(lvl, sc0, sc1, sc2, sc3, sc4, NUM_LEVELS)
+    s_h = _pick(lvl, sh0, sh1, sh2, sh3, sh4, NUM_LEVELS)
+    s_w = _pick(lvl, sw0, sw1, sw2, sw3, sw4, NUM_LEVELS)
 
     offs_p = tl.arange(0, BLOCK_P)
     bin_y = (offs_p // PW).to(ACC)
     bin_x = (offs_p % PW).to(ACC)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     tile_mask = _along_bins(offs_p < PH * PW, BINS_FAST) & _along_channels(offs_c < C, BINS_FAST)
-    base = feat + n * s_n + _along_channels(offs_c.to(tl.int64) * s_c, BINS_FAST)
+    base = feat + n * s_n + _along_channels(offset64(offs_c, s_c), BINS_FAST)
 
     if MAX_MODE:
         acc = _full_tile(float("-inf"), ACC, BLOCK_P, BLOCK_C, BINS_FAST)
@@ -337,10 +337,10 @@ def _roi_align_fwd_kernel(
             x = _sample_coord(start_x, bin_x, bin_w, ix, grid_w)
             inside, y_lo, y_hi, x_lo, x_hi, w1, w2, w3, w4 = _sample_weights(y, x, H, W)
             m = tile_mask & _along_bins(inside, BINS_FAST)
-            row_lo = base + _along_bins(y_lo * s_h, BINS_FAST)
-            row_hi = base + _along_bins(y_hi * s_h, BINS_FAST)
-            col_lo = _along_bins(x_lo * s_w, BINS_FAST)
-            col_hi = _along_bins(x_hi * s_w, BINS_FAST)
+            row_lo = base + _along_bins(offset64(y_lo, s_h), BINS_FAST)
+            row_hi = base + _along_bins(offset64(y_hi, s_h), BINS_FAST)
+            col_lo = _along_bins(offset64(x_lo, s_w), BINS_FAST)
+            col_hi = _along_bins(offset64(x_hi, s_w), BINS_FAST)
             v1 = tl.load(row_lo + col_lo, mask=m, other=0.0).to(ACC)
             v2 = tl.load(row_lo + col_hi, mask=m, other=0.0).to(ACC)
             v3 = tl.load(row_hi + col_lo, mask=m, other=0.0).to(ACC)
@@ -404,10 +404,10 @@ def _roi_align_bwd_kernel(
         sampling_ratio, canonical_scale, canonical_level, k_min, k_max, PH, PW, NUM_LEVELS, ALIGNED, HAS_VALID, ACC,
     )
     gin = _pick(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
-    s_n = _pick(lvl, sn0, sn1, sn2, sn3, sn4, NUM_LEVELS).to(tl.int64)
-    s_c = _pick(lvl, sc0, sc1, sc2, sc3, sc4, NUM_LEVELS).to(tl.int64)
-    s_h = _pick(lvl, sh0, sh1, sh2, sh3, sh4, NUM_LEVELS).to(tl.int64)
-    s_w = _pick(lvl, sw0, sw1, sw2, sw3, sw4, NUM_LEVELS).to(tl.int64)
+    s_n = _pick(lvl, sn0, sn1, sn2, sn3, sn4, NUM_LEVELS)
+    s_c = _pick(lvl, sc0, sc1, sc2, sc3, sc4, NUM_LEVELS)
+    s_h = _pick(lvl, sh0, sh1, sh2, sh3, sh4, NUM_LEVELS)
+    s_w = _pick(lvl, sw0, sw1, sw2, sw3, sw4, NUM_LEVELS)
 
     offs_p = tl.arange(0, BLOCK_P)
     bin_y = (offs_p // PW).to(ACC)
@@ -418,12 +418,11 @@ def _roi_align_bwd_kernel(
     tile_mask = _along_bins(offs_p < PH * PW, BINS_FAST) & _along_channels(offs_c < tl.where(ok, C, 0), BINS_FAST)
     grad_offs = (
         k * grad_stride_k
-        + _along_channels(offs_c.to(tl.int64) * grad_stride_c, BINS_FAST)
-        + _along_bins((offs_p // PW).to(tl.int64) * grad_stride_h + (offs_p % PW).to(tl.int64) * grad_stride_w,
-                      BINS_FAST)  # fmt: skip
+        + _along_channels(offset64(offs_c, grad_stride_c), BINS_FAST)
+        + _along_bins(offset64(offs_p // PW, grad_stride_h) + offset64(offs_p % PW, grad_stride_w), BINS_FAST)
     )
     g = tl.load(grad_ptr + grad_offs, mask=tile_mask, other=0.0).to(ACC)
-    base = gin + n * s_n + _along_channels(offs_c.to(tl.int64) * s_c, BINS_FAST)
+    base = gin + n * s_n + _along_channels(offset64(offs_c, s_c), BINS_FAST)
     ty = gin.dtype.element_ty
 
     if MAX_MODE:
@@ -437,10 +436,12 @@ def _roi_align_bwd_kernel(
         x = _sample_coord(start_x, _along_bins(bin_x, BINS_FAST), bin_w, ix, tl.maximum(grid_w, 1))
         inside, y_lo, y_hi, x_lo, x_hi, w1, w2, w3, w4 = _sample_weights(y, x, H, W)
         m = tile_mask & inside & (arg >= 0)
-        tl.atomic_add(base + y_lo * s_h + x_lo * s_w, (g * w1).to(ty), mask=m)
-        tl.atomic_add(base + y_lo * s_h + x_hi * s_w, (g * w2).to(ty), mask=m)
-        tl.atomic_add(base + y_hi * s_h + x_lo * s_w, (g * w3).to(ty), mask=m)
-        tl.atomic_add(base + y_hi * s_h + x_hi * s_w, (g * w4).to(ty), mask=m)
+        row_lo = base + offset64(y_lo, s_h)
+        row_hi = base + offset64(y_hi, s_h)
+        tl.atomic_add(row_lo + offset64(x_lo, s_w), (g * w1).to(ty), mask=m)
+        tl.atomic_add(row_lo + offset64(x_hi, s_w), (g * w2).to(ty), mask=m)
+        tl.atomic_add(row_hi + offset64(x_lo, s_w), (g * w3).to(ty), mask=m)
+        tl.atomic_add(row_hi + offset64(x_hi, s_w), (g * w4).to(ty), mask=m)
     else:
         g = g / tl.maximum(grid_h * grid_w, 1)
         for iy in range(0, loop_bound(grid_h)):
@@ -449,10 +450,10 @@ def _roi_align_bwd_kernel(
                 x = _sample_coord(start_x, bin_x, bin_w, ix, grid_w)
                 inside, y_lo, y_hi, x_lo, x_hi, w1, w2, w3, w4 = _sample_weights(y, x, H, W)
                 m = tile_mask & _along_bins(inside, BINS_FAST)
-                row_lo = base + _along_bins(y_lo * s_h, BINS_FAST)
-                row_hi = base + _along_bins(y_hi * s_h, BINS_FAST)
-                col_lo = _along_bins(x_lo * s_w, BINS_FAST)
-                col_hi = _along_bins(x_hi * s_w, BINS_FAST)
+                row_lo = base + _along_bins(offset64(y_lo, s_h), BINS_FAST)
+                row_hi = base + _along_bins(offset64(y_hi, s_h), BINS_FAST)
+                col_lo = _along_bins(offset64(x_lo, s_w), BINS_FAST)
+                col_hi = _along_bins(offset64(x_hi, s_w), BINS_FAST)
                 tl.atomic_add(row_lo + col_lo, (g * _along_bins(w1, BINS_FAST)).to(ty), mask=m)
                 tl.atomic_add(row_lo + col_hi, (g * _along_bins(w2, BINS_FAST)).to(ty), mask=m)
                 tl.atomic_add(row_hi + col_lo, (g * _along_bins(w3, BINS_FAST)).to(ty), mask=m)
@@ -541,15 +542,15 @@ def _roi_align_bwd_tiles_kernel(
         hit = ok & (n == img) & (roi_lvl == lvl) & (grid_h > 0) & (grid_w > 0)
         hit = hit & (hi_y >= y0) & (lo_y < y0 + TILE_H) & (hi_x >= x0) & (lo_x < x0 + TILE_W)
         if hit:
-            grad_k = grad_ptr + tl.cast(k, tl.int64) * grad_stride_k + offs_c.to(tl.int64) * grad_stride_c
+            grad_k = grad_ptr + offset64(k, grad_stride_k) + offset64(offs_c, grad_stride_c)
             for i in range(0, PH):
                 if not MAX_MODE:
                     wy = _axis_weights(start_y + i * bin_h, bin_h, grid_h, H, pix_y, ACC)
                 for j in range(0, PW):
-                    g_ptr = grad_k + tl.cast(i, tl.int64) * grad_stride_h + tl.cast(j, tl.int64) * grad_stride_w
+                    g_ptr = grad_k + offset64(i, grad_stride_h) + offset64(j, grad_stride_w)
                     g = tl.load(g_ptr, mask=c_mask, other=0.0).to(ACC)
                     if MAX_MODE:
-                        arg_offs = ((tl.cast(k, tl.int64) * C + offs_c) * PH + i) * PW + j
+                        arg_offs = ((offset64(k, C) + offs_c) * PH + i) * PW + j
                         arg = tl.load(argmax_ptr + arg_offs, mask=c_mask, other=-1)
                         iy = arg // grid_w
                         ix = arg % grid_w
@@ -569,15 +570,15 @@ def _roi_align_bwd_tiles_kernel(
                         acc += wy[:, None, None] * wx[None, :, None] * g[None, None, :]
 
     gin = _pick(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
-    s_n = _pick(lvl, sn0, sn1, sn2, sn3, sn4, NUM_LEVELS).to(tl.int64)
-    s_c = _pick(lvl, sc0, sc1, sc2, sc3, sc4, NUM_LEVELS).to(tl.int64)
-    s_h = _pick(lvl, sh0, sh1, sh2, sh3, sh4, NUM_LEVELS).to(tl.int64)
-    s_w = _pick(lvl, sw0, sw1, sw2, sw3, sw4, NUM_LEVELS).to(tl.int64)
+    s_n = _pick(lvl, sn0, sn1, sn2, sn3, sn4, NUM_LEVELS)
+    s_c = _pick(lvl, sc0, sc1, sc2, sc3, sc4, NUM_LEVELS)
+    s_h = _pick(lvl, sh0, sh1, sh2, sh3, sh4, NUM_LEVELS)
+    s_w = _pick(lvl, sw0, sw1, sw2, sw3, sw4, NUM_LEVELS)
     offs = (
-        img.to(tl.int64) * s_n
-        + (pix_y.to(tl.int64) * s_h)[:, None, None]
-        + (pix_x.to(tl.int64) * s_w)[None, :, None]
-        + (offs_c.to(tl.int64) * s_c)[None, None, :]
+        offset64(img, s_n)
+        + offset64(pix_y, s_h)[:, None, None]
+        + offset64(pix_x, s_w)[None, :, None]
+        + offset64(offs_c, s_c)[None, None, :]
     )
     mask = (pix_y < H)[:, None, None] & (pix_x < W)[None, :, None] & c_mask[None, None, :]
     tl.store(gin + offs, acc.to(gin.dtype.element_ty), mask=mask)

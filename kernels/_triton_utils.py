@@ -1,4 +1,5 @@
-"""Small ``@triton.jit`` helpers shared by several op modules: torch's roundings, reproduced in Triton.
+"""Small ``@triton.jit`` helpers shared by several op modules: 64-bit address offsets, and torch's roundings
+reproduced in Triton.
 
 The kernels compute in float32 (float64 for float64) and must round like torch where torch rounds:
 once to the output dtype, and at the intermediate steps where torch computes in the inputs' dtype.
@@ -13,7 +14,7 @@ import triton.language as tl
 
 from ._backend import INTERPRET
 
-__all__ = ["cast_rn", "ieee_div", "loop_bound", "round_to"]
+__all__ = ["cast_rn", "ieee_div", "loop_bound", "offset64", "round_to"]
 
 if INTERPRET:
 
@@ -33,6 +34,20 @@ else:
     def loop_bound(n):
         """The identity when compiled: inlined, so the compiled code is the same as ``range(n)``."""
         return n
+
+
+@triton.jit
+def offset64(index, stride):
+    """``index * stride`` in 64 bits: the offset of an element from its tensor's base pointer.
+
+    Program ids, ``tl.arange``, loop indices, int32 loads and the int arguments below 2**31 (strides, sizes)
+    are int32, and an int32 product wraps silently once it passes 2**31: the mask row of box 370k in
+    ``nms_fixed`` (a 17 GB mask fits an H200), or column 3 of a ``[4, N]`` tensor's transpose. So wherever an
+    int32 index or a constant meets a stride, the kernels multiply through this function
+    (``tests/kernels/test_address_arithmetic.py`` holds it to the exact product); indices built from
+    ``tl.program_id(0).to(tl.int64)`` are int64 already.
+    """
+    return tl.cast(index, tl.int64) * stride
 
 
 @triton.jit

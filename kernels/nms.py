@@ -67,7 +67,7 @@ from torch._higher_order_ops.while_loop import while_loop
 from torch._subclasses.fake_tensor import is_fake
 
 from ._backend import FLOAT_DTYPES, acc_dtype, autotune_configs, backend_for, check_tensor
-from ._triton_utils import ieee_div, loop_bound, round_to
+from ._triton_utils import ieee_div, loop_bound, offset64, round_to
 
 __all__ = ["nms", "batched_nms", "nms_fixed"]
 
@@ -148,12 +148,12 @@ def _nms_mask_kernel(
         # Masked lanes read a unit box (no 0/0, which the interpreter reports); their bits are masked off.
         ax1 = tl.load(a, mask=row_ok, other=0.0).to(ACC)
         ay1 = tl.load(a + boxes_stride_c, mask=row_ok, other=0.0).to(ACC)
-        ax2 = tl.load(a + 2 * boxes_stride_c, mask=row_ok, other=1.0).to(ACC)
-        ay2 = tl.load(a + 3 * boxes_stride_c, mask=row_ok, other=1.0).to(ACC)
+        ax2 = tl.load(a + offset64(2, boxes_stride_c), mask=row_ok, other=1.0).to(ACC)
+        ay2 = tl.load(a + offset64(3, boxes_stride_c), mask=row_ok, other=1.0).to(ACC)
         cx1 = tl.load(c, mask=col_ok, other=0.0).to(ACC)
         cy1 = tl.load(c + boxes_stride_c, mask=col_ok, other=0.0).to(ACC)
-        cx2 = tl.load(c + 2 * boxes_stride_c, mask=col_ok, other=1.0).to(ACC)
-        cy2 = tl.load(c + 3 * boxes_stride_c, mask=col_ok, other=1.0).to(ACC)
+        cx2 = tl.load(c + offset64(2, boxes_stride_c), mask=col_ok, other=1.0).to(ACC)
+        cy2 = tl.load(c + offset64(3, boxes_stride_c), mask=col_ok, other=1.0).to(ACC)
         # torchvision's CUDA devIoU, operation for operation: the intersection's sides are differences
         # in the boxes' dtype (exact min/max, then a subtraction rounded to that dtype), products in
         # ACC, and the area is (float(x2) - x1) * float(y2 - y1), whose y side is rounded to the boxes'
@@ -222,7 +222,9 @@ def _nms_sweep_kernel(
             kept = tl.zeros((), dtype=tl.int64)
             for t in tl.static_range(WORD):
                 # 64-bit: the row offset N * ceil(N/64) passes 2**31 at ~370k boxes, whose 17 GB mask fits an H200.
-                row = mask_row + tl.cast(c * WORD + t, tl.int64) * mask_stride_n
+                # A word index (< ceil(N/64)) times the unit stride of a row needs no cast, nor does a slot (<
+                # max_out) of keep / keep_valid: the launcher allocates all three contiguous.
+                row = mask_row + offset64(c * WORD + t, mask_stride_n)
                 diag = tl.load(row + c * mask_stride_w, mask=c * WORD + t < num_boxes, other=0)
                 bit = one << t
                 alive = (w & bit) == 0

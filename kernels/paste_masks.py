@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from ._backend import FLOAT_DTYPES, acc_dtype, autotune_configs, backend_for, check_tensor, tl_acc_dtype
-from ._triton_utils import round_to
+from ._triton_utils import offset64, round_to
 
 # Box coordinates are clamped to this before the float -> int64 conversion, which is undefined
 # out of range; box sizes (``X2 - X1 + 1``) then still fit in int64.
@@ -95,8 +95,8 @@ def _expanded_box(boxes_ptr, boxes_stride_d, boxes_stride_c, d, mask_w, padding,
     row = boxes_ptr + d * boxes_stride_d
     x1 = tl.load(row).to(BOX_ACC)
     y1 = tl.load(row + boxes_stride_c).to(BOX_ACC)
-    x2 = tl.load(row + 2 * boxes_stride_c).to(BOX_ACC)
-    y2 = tl.load(row + 3 * boxes_stride_c).to(BOX_ACC)
+    x2 = tl.load(row + offset64(2, boxes_stride_c)).to(BOX_ACC)
+    y2 = tl.load(row + offset64(3, boxes_stride_c)).to(BOX_ACC)
     # Python's float(M + 2p) / M, then torch's conversion of the scalar to the op's math dtype.
     scale = ((mask_w + 2 * padding).to(tl.float64) / mask_w.to(tl.float64)).to(BOX_ACC)
     # torch stores every intermediate of expand_boxes in the boxes' dtype: each is rounded to it.

@@ -32,8 +32,8 @@ from .data import collate_list
 from .evaluate import evaluate, format_metrics
 
 __all__ = [
-    "LOSS_NAMES", "NonFiniteError", "Schedule", "ShardSampler", "Trainer", "TrainingSetup", "build_optimizer",
-    "plot_losses", "read_log", "shard_seed",
+    "LOSS_NAMES", "BadTargetError", "NonFiniteError", "Schedule", "ShardSampler", "Trainer", "TrainingSetup",
+    "build_optimizer", "plot_losses", "read_log", "shard_seed",
 ]  # fmt: skip
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -41,6 +41,11 @@ LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
 
 class NonFiniteError(FloatingPointError):
     """A NaN or infinite loss or gradient; the message names the step."""
+
+
+class BadTargetError(ValueError):
+    """A training batch's ground truth that ``collate`` refused (its TypeError or ValueError, chained); the
+    message names the step, the batch's image ids, the target's position in the batch and the field."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +319,7 @@ class Trainer:
             except (TypeError, ValueError) as e:
                 # collate names the position in the batch; the dataset's image ids say which images those are.
                 ids = [int(t["image_id"]) if "image_id" in t else None for t in targets]
-                raise type(e)(f"step {self.step + 1}, batch of image_id {ids}: {e}") from e
+                raise BadTargetError(f"step {self.step + 1}, batch of image_id {ids}: {e}") from e
             last = a == args.accum_steps - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 with _autocast(args.amp, device):

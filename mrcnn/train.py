@@ -31,7 +31,9 @@ its running statistics are rank 0's under DDP (``broadcast_buffers``), while acc
 once per micro-batch.
 
 Non-finite values. A NaN/inf loss (or, without fp16 loss scaling, gradient) stops training with an error
-naming the step before the optimizer touches the weights; the last checkpoint stays as it was.
+naming the step before the optimizer touches the weights; the last checkpoint stays as it was. Bad ground
+truth (a NaN box, a label out of range, ...) stops it earlier, in ``collate``, naming the step, the image
+and the field (``engine.BadTargetError``).
 ``--skip-nonfinite`` skips such steps instead (no update, BatchNorm statistics restored) and logs them.
 
 Compilation. ``torch.compile(model, fullgraph=True)`` of the training forward is on by default with CUDA
@@ -61,7 +63,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_training_checkpoi
 from .cli import Process, add_data_args, add_device_args, base_dataset, build_eval_dataset, reexec_for_cpu, use_backend
 from .config import MaskRCNNConfig, check_field
 from .data import build_dataset
-from .engine import NonFiniteError, Trainer, TrainingSetup
+from .engine import BadTargetError, NonFiniteError, Trainer, TrainingSetup
 from .model import MaskRCNN, infer_config
 
 __all__ = ["SHAPES_PRESET", "build_config", "cli", "main", "parse_args", "prepare"]
@@ -329,7 +331,7 @@ def cli() -> None:
     reexec_for_cpu("mrcnn.train")
     try:
         main()
-    except (NonFiniteError, CheckpointError) as e:
+    except (BadTargetError, NonFiniteError, CheckpointError) as e:
         sys.exit(f"error: {e}")
 
 

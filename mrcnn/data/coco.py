@@ -11,7 +11,9 @@ detection format), built as torchvision's detection references build it
 * segmentations -- polygons (one or more parts, merged), uncompressed RLE (``counts`` a list) or
   compressed RLE (``counts`` a string) -- are decoded to ``uint8`` masks of the image's size;
   polygon parts with fewer than 3 points are ignored (pycocotools would read a 2-point part as a
-  box), so an annotation made only of those has an empty mask;
+  box), so an annotation made only of those, or with no polygon at all, has an empty mask. The
+  segmentation in ``dataset.coco``, the ground truth COCOeval reads, is rewritten to match (those parts
+  left out; an empty mask as an RLE), with a warning naming the annotations;
 * category ids map to contiguous labels ``1..K`` in increasing id order (``cat_to_label``,
   ``label_to_cat``); 0 is background.
 
@@ -22,8 +24,8 @@ annotation id (an annotation's image id too): a missing annotation file or image
 category does not exist, and any field pycocotools would misread, crash or run out of memory on -- all
 checked before pycocotools sees them:
 
-* image ``height`` and ``width``: positive integers whose product is at most what PIL opens (twice
-  ``PIL.Image.MAX_IMAGE_PIXELS``) and below 2**31 (pycocotools indexes pixels with 32-bit integers);
+* image ``height`` and ``width``: positive integers whose product is at most what ``image.read_image``
+  opens (``PIL.Image.MAX_IMAGE_PIXELS``) and below 2**31 (pycocotools indexes pixels with 32-bit integers);
   ``file_name`` a string;
 * ``bbox``: four finite numbers; ``iscrowd``: 0 or 1; ``area``: a finite number >= 0;
 * polygon coordinates: numbers in ``x, y`` pairs (an odd count is an error, not truncated), finite and
@@ -119,10 +121,11 @@ def _all_numbers(values: list[Any]) -> bool:
 
 
 def _max_pixels() -> int:
-    """The most pixels an image record may have: what PIL opens (read now, as users may change PIL's limit)
-    and below 2**31, as pycocotools' polygon rasterisation indexes pixels with 32-bit integers."""
+    """The most pixels an image record may have: what ``read_image`` opens (PIL's decompression-bomb limit, read
+    now, as users may change it) and below 2**31, as pycocotools' polygon rasterisation indexes pixels with
+    32-bit integers."""
     limit = 2**31 - 1
-    return limit if Image.MAX_IMAGE_PIXELS is None else min(limit, 2 * Image.MAX_IMAGE_PIXELS)
+    return limit if Image.MAX_IMAGE_PIXELS is None else min(limit, Image.MAX_IMAGE_PIXELS)
 
 
 def _check_polygon(part: Any, index: int, h: int, w: int) -> None:
@@ -228,13 +231,25 @@ def _check_segmentation(segm: Any, h: int, w: int) -> None:
         raise ValueError("segmentation must be a list of polygons or an RLE dict with 'counts' and 'size'")
 
 
+def _usable_segmentation(segm: Any, h: int, w: int) -> Any:
+    """A checked segmentation (``_check_segmentation``) of an ``h x w`` image as the training targets and
+    COCOeval both read it: polygon parts of fewer than 3 points left out, and a polygon list left empty (or
+    given empty) the RLE of the empty mask; ``segm`` itself when nothing changes.
+
+    As given, pycocotools reads a segmentation whose first part has 2 points as a box ``[x, y, w, h]`` (or
+    fails with a TypeError), fails with an IndexError on an empty list, and rasterises a 2-point part that
+    is not the first: COCOeval either crashed naming nothing or scored against other masks than the targets.
+    """
+    if not isinstance(segm, list) or (segm and all(len(part) >= 6 for part in segm)):
+        return segm
+    parts = [part for part in segm if len(part) >= 6]
+    return parts if parts else {"size": [h, w], "counts": [h * w]}
+
+
 def _segmentation_rle(segm: Any, h: int, w: int) -> dict[str, Any]:
-    """A checked segmentation (``_check_segmentation``) as one compressed RLE of an ``h x w`` image."""
+    """A usable segmentation (``_usable_segmentation``) as one compressed RLE of an ``h x w`` image."""
     if isinstance(segm, list):
-        parts = [p for p in segm if len(p) >= 6]
-        if not parts:
-            return mask_utils.encode(np.zeros((h, w, 1), dtype=np.uint8, order="F"))[0]
-        return mask_utils.merge(mask_utils.frPyObjects(parts, h, w))
+        return mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
     if isinstance(segm["counts"], list):
         return mask_utils.frPyObjects(segm, h, w)
     return segm
@@ -278,7 +293,7 @@ def _check_and_complete(data: dict[str, Any], path: str) -> None:
         if h * w > _max_pixels():
             raise ValueError(
                 f"{where}: {h} x {w} = {h * w} pixels is more than {_max_pixels()}, the most an image may have "
-                "(twice PIL.Image.MAX_IMAGE_PIXELS, and below 2**31)"
+                "(PIL.Image.MAX_IMAGE_PIXELS, and below 2**31)"
             )
         if not isinstance(img["file_name"], str) or not img["file_name"] or "\0" in img["file_name"]:
             raise ValueError(f"{where}: file_name must be a non-empty string; got {img['file_name']!r}")
@@ -288,6 +303,7 @@ def _check_and_complete(data: dict[str, Any], path: str) -> None:
         if not isinstance(cat.get("name"), str):
             raise ValueError(f"{path}: category {cat_id}: 'name' must be a string; got {cat.get('name')!r}")
     ann_ids: dict[int, dict[str, Any]] = {}
+    rewritten: list[int] = []
     for ann in _list_field(data, "annotations", path):
         where = f"{path}: annotation {_check_id(ann, 'annotation', path, ann_ids)}"
         missing = [k for k in ("image_id", "category_id", "bbox", "segmentation") if k not in ann]
@@ -310,8 +326,18 @@ def _check_and_complete(data: dict[str, Any], path: str) -> None:
             _check_segmentation(ann["segmentation"], img["height"], img["width"])
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
+        usable = _usable_segmentation(ann["segmentation"], img["height"], img["width"])
+        if usable is not ann["segmentation"]:
+            ann["segmentation"] = usable
+            rewritten.append(ann["id"])
         if "area" not in ann:
             ann["area"] = float(mask_utils.area(_segmentation_rle(ann["segmentation"], img["height"], img["width"])))
+    if rewritten:
+        logger.warning(
+            "%s: %d annotation(s) with polygon parts of fewer than 3 points, or no polygon: those parts are left "
+            "out, and an annotation left without any has an empty mask (annotation ids %s)",
+            path, len(rewritten), ", ".join(map(str, rewritten[:10])) + (", ..." if len(rewritten) > 10 else ""),
+        )  # fmt: skip
 
 
 class CocoDataset(Dataset):

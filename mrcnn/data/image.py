@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -11,8 +12,8 @@ from PIL import Image
 # Pillow's names for 16-bit greyscale (byte orders).
 _GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # What PIL raises for a corrupt or truncated file (OSError mostly, ValueError from some decoders) or one
-# past its decompression-bomb limit.
-_DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+# past its decompression-bomb limit (the warning is made an error while opening, see read_image).
+_DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -34,11 +35,14 @@ def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
             so a wrong (or huge) file costs nothing.
 
     Raises ``FileNotFoundError`` for a missing file, and ``ValueError`` naming the file for a wrong size,
-    an unsupported mode, a file PIL cannot decode, or one larger than PIL's decompression-bomb limit
-    (``PIL.Image.MAX_IMAGE_PIXELS``; PIL warns above it and refuses above twice it).
+    an unsupported mode, a file PIL cannot decode, or one of more pixels than PIL's decompression-bomb
+    limit ``PIL.Image.MAX_IMAGE_PIXELS`` (about 89 M; set it higher, or to None, to read larger files).
+    PIL itself only warns, and decodes, up to twice that limit; here such a file is refused before decoding.
     """
     try:
-        image = Image.open(path)  # reads the header only
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
     except FileNotFoundError:
         raise
     except _DECODE_ERRORS as e:

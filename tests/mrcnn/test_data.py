@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from mrcnn.data import (
     coco_evaluate,
     coco_ground_truth,
     collate_list,
+    read_image,
     to_coco,
     to_coco_results,
     write_coco,
@@ -508,6 +510,25 @@ def test_coco_loader_errors(tmp_path):
         ds[1]
 
 
+def test_images_past_pils_decompression_bomb_warning_are_refused(tmp_path, monkeypatch):
+    """PIL decodes a file of more than ``Image.MAX_IMAGE_PIXELS`` pixels with a warning only, up to twice that:
+    read_image refuses it before decoding, naming it, and the COCO loader refuses its record. The limit is
+    lowered here so that a 20 x 30 image lies between the two."""
+    _write_small_coco(tmp_path)
+    path = tmp_path / "img" / "a.png"  # 20 x 30 = 600 pixels, image 1's file
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)
+    with pytest.warns(Image.DecompressionBombWarning):
+        Image.open(path).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused, not warned about
+        with pytest.raises(ValueError, match=r"cannot decode image .*a\.png: Image size \(600 pixels\) exceeds limit"):
+            read_image(path)
+        with pytest.raises(ValueError, match=r"ann\.json: image 1: 20 x 30 = 600 pixels is more than 400"):
+            CocoDataset(tmp_path / "ann.json", tmp_path / "img")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # the limit is PIL's, and users may change it
+    assert read_image(path).shape == (3, 20, 30)
+
+
 def test_coco_evaluate_ground_truth_scores_one():
     ds = _shapes("val", 12)
     gt = coco_ground_truth(ds)
@@ -548,6 +569,36 @@ def test_coco_evaluate_through_loader_with_crowd(tmp_path):
     results = to_coco_results(_gt_predictions(targets), coco_ds.ids, coco_ds.label_to_cat)
     metrics = coco_evaluate(coco_ground_truth(coco_ds), results)
     assert metrics["bbox"]["AP"] == 1.0 and metrics["segm"]["AP"] == 1.0
+
+
+def test_coco_evaluate_degenerate_polygons(tmp_path, caplog):
+    """Polygon parts of fewer than 3 points, and no polygon at all: pycocotools read a 2-point first part as a
+    box (or failed with a TypeError) and an empty list with an IndexError. The ground truth COCOeval reads
+    holds the masks the targets hold instead, and a warning names the annotations."""
+    square = [2, 1, 12, 1, 12, 9, 2, 9]
+    segmentations = {42: [square], 43: [[4, 4, 10, 6]], 44: [], 45: [[20, 10, 28, 18], square], 46: [square, [0, 0]]}
+    data = {
+        "images": [{"id": 7, "file_name": "a.png", "height": 20, "width": 30}],
+        "categories": [{"id": 3, "name": "cat"}],
+        "annotations": [{"id": i, "image_id": 7, "category_id": 3, "bbox": [2, 1, 10, 8], "segmentation": s}
+                        for i, s in segmentations.items()],
+    }  # fmt: skip
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (30, 20)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    ds = CocoDataset(tmp_path / "ann.json", tmp_path / "img")
+    assert "ann.json: 4 annotation(s) with polygon parts of fewer than 3 points" in caplog.text
+    assert "(annotation ids 43, 44, 45, 46)" in caplog.text
+
+    _, target = ds[0]
+    gt_masks = np.stack([ds.coco.annToMask(ds.coco.anns[i]) for i in segmentations])
+    assert np.array_equal(target["masks"].numpy(), gt_masks)
+    assert gt_masks.reshape(5, -1).sum(1).tolist() == [80, 0, 0, 80, 80]
+    results = to_coco_results(_gt_predictions([target]), ds.ids, ds.label_to_cat)
+    metrics = coco_evaluate(coco_ground_truth(ds), results)
+    assert metrics["bbox"]["AP"] == 1.0
+    # The two empty masks cannot be matched (pycocotools' IoU of empty masks is 0): 3 of 5 found, in order.
+    assert metrics["segm"]["AR100"] == pytest.approx(0.6)
 
 
 def test_coco_evaluate_empty_predictions(capsys):

@@ -53,6 +53,13 @@ def _train(out: Path, *extra: str) -> dict:
     return train.main([*TINY, "--out", str(out), *extra])
 
 
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m mrcnn.train *args`` in a subprocess, on one thread (OMP_WAIT_POLICY set: no CPU re-exec)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "mrcnn.train", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
 def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
@@ -196,8 +203,17 @@ def test_bad_ground_truth_stops_before_the_forward_naming_the_image(
 
     monkeypatch.setattr(ShapesDataset, "__getitem__", nan_box)
     match = r"step 1, batch of image_id \[\d+, \d+\]: targets\[\d\]\['boxes'\]\[0\] = .* is not finite"
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(engine.BadTargetError, match=match):
         _train(tmp_path, "--iters", "1", "--no-eval")
+
+
+def test_cli_reports_bad_ground_truth_in_one_line(tmp_path: Path) -> None:
+    """Labels the config cannot hold (``--set num_classes=2`` for the shapes' four classes) reach collate: the
+    CLI prints one ``error:`` line naming the step, the images and the field, and exits with status 1."""
+    proc = _run_cli(*TINY, "--out", str(tmp_path), "--iters", "1", "--no-eval", "--set", "num_classes=2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    match = r"error: step 1, batch of image_id \[\d+, \d+\]: targets\[\d\]\['labels'\]\[\d+\] = \d is outside \[1, 2\)"
+    assert re.fullmatch(match + r" \(.*\)", proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -284,9 +300,7 @@ def test_resume_from_a_foreign_checkpoint_names_the_file(tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match=f"{re.escape(str(foreign))} is not a training checkpoint.*use --init"):
         _train(tmp_path / "out", "--resume", str(foreign))
     (tmp_path / "empty.pt").write_bytes(b"")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "mrcnn.train", "--resume", str(tmp_path / "empty.pt"), "--no-progress"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = _run_cli("--resume", str(tmp_path / "empty.pt"), "--no-progress")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot read checkpoint {tmp_path / 'empty.pt'}")
 
