@@ -44,11 +44,12 @@ _CHUNK_ELEMENTS = 1 << 24
 
 @dataclass
 class _Plan:
-    """Per-RoI image, level and geometry, all ``[K]`` tensors in the accumulation dtype."""
+    """Per-RoI ``[K]`` tensors: where its level's map lies in the table (index dtype) and its sample geometry
+    (accumulation dtype; the grids long, 0 for an invalid RoI)."""
 
-    n: torch.Tensor
-    level: torch.Tensor
-    ok: torch.Tensor
+    height: torch.Tensor
+    width: torch.Tensor
+    base: torch.Tensor  # table row of pixel (0, 0) of the RoI's image in its level
     start_x: torch.Tensor
     start_y: torch.Tensor
     bin_w: torch.Tensor
@@ -60,10 +61,28 @@ class _Plan:
         return _Plan(*(getattr(self, f.name)[rois] for f in fields(self)))
 
 
+def _per_level(level: torch.Tensor, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """``values[level]`` for a small python list, as a chain of ``where``: a tensor made from the list would be a
+    constant that torch 2.11's run_decompositions loses ("Constant tensor lifted_tensor_0 is not in the constants
+    dictionary"); ``torch.tensor`` also records an in-place ``detach_``."""
+    out = torch.full(level.shape, values[0], dtype=dtype, device=level.device)
+    for lvl, value in enumerate(values[1:], 1):
+        out = torch.where(level == lvl, value, out)
+    return out
+
+
+def _index_dtype(shapes: list[tuple[int, int]], batch_size: int, channels: int) -> torch.dtype:
+    """int32 while the table's elements fit (every table row and flat index does): sorting int32 rows in the
+    backward takes 5.5 ms against 14.7 ms for int64 (1.6M rows, one thread)."""
+    return torch.int32 if batch_size * sum(h * w for h, w in shapes) * channels < 2**31 else torch.long
+
+
 def _plan(
     rois: torch.Tensor,
     valid: torch.Tensor | None,
+    shapes: list[tuple[int, int]],
     batch_size: int,
+    channels: int,
     scales: list[float],
     pooled: tuple[int, int],
     sampling_ratio: int,
@@ -90,9 +109,7 @@ def _plan(
         level = (lvl.clamp(k_min, k_max) - k_min).long()
         ok = ok & (level < len(scales))
         level = torch.where(ok, level, 0)
-    # torch.as_tensor, not torch.tensor: traced, torch.tensor records an in-place detach_ that AOTAutograd's
-    # functional-graph check refuses (torch 2.14); as_tensor records a plain constant.
-    scale = torch.as_tensor(scales, dtype=acc, device=r.device)[level]
+    scale = _per_level(level, scales, acc)
     offset = 0.5 if aligned else 0.0
     start_x, start_y = x1 * scale - offset, y1 * scale - offset
     roi_w, roi_h = x2 * scale - offset - start_x, y2 * scale - offset - start_y
@@ -109,7 +126,12 @@ def _plan(
         grid_w = torch.ceil(bin_w).clamp(0, MAX_ADAPTIVE_SAMPLES.value).long()
         grid_h = torch.ceil(bin_h).clamp(0, MAX_ADAPTIVE_SAMPLES.value).long()
     grid_w, grid_h = torch.where(ok, grid_w, 0), torch.where(ok, grid_h, 0)
-    return _Plan(b.long(), level, ok, start_x, start_y, bin_w, bin_h, grid_w, grid_h)
+    index = _index_dtype(shapes, batch_size, channels)
+    first = [batch_size * sum(h * w for h, w in shapes[:lvl]) for lvl in range(len(shapes))]
+    height = _per_level(level, [h for h, _ in shapes], index)
+    width = _per_level(level, [w for _, w in shapes], index)
+    base = _per_level(level, first, index) + b.to(index) * height * width
+    return _Plan(height, width, base, start_x, start_y, bin_w, bin_h, grid_w, grid_h)
 
 
 def _grid(plan: _Plan, sampling_ratio: int) -> tuple[int, int]:
@@ -123,20 +145,6 @@ def _grid(plan: _Plan, sampling_ratio: int) -> tuple[int, int]:
             "data-dependent size. Pass a fixed sampling_ratio > 0 (Mask R-CNN's poolers use 2)."
         )
     return max(int(plan.grid_h.max()), 1), max(int(plan.grid_w.max()), 1)
-
-
-def _levels(shapes: list[tuple[int, int]], batch_size: int, channels: int, device: torch.device) -> torch.Tensor:
-    """``[4, L]``: each level's H, W, H*W and first row in the pixel-major table of all levels.
-
-    In int32 while the table's elements fit (every table row and flat index does): sorting int32 rows in the
-    backward takes 5.5 ms against 14.7 ms for int64 (1.6M rows, one thread).
-    """
-    first = [0]
-    for h, w in shapes[:-1]:
-        first.append(first[-1] + batch_size * h * w)
-    dtype = torch.int32 if (first[-1] + batch_size * shapes[-1][0] * shapes[-1][1]) * channels < 2**31 else torch.long
-    rows = [[h for h, _ in shapes], [w for _, w in shapes], [h * w for h, w in shapes], first]
-    return torch.as_tensor(rows, dtype=dtype, device=device)
 
 
 def _axis(coord: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -169,26 +177,27 @@ def _bin_samples(
 
 
 def _corners(
-    plan: _Plan, levels: torch.Tensor, grid: tuple[int, int], pooled: tuple[int, int], average: bool
+    plan: _Plan, grid: tuple[int, int], pooled: tuple[int, int], average: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Table rows (``levels``' dtype) and bilinear weights of every bin's sample corners, ``[k*PH*PW, Gh*Gw*4]``.
+    """Table rows (index dtype) and bilinear weights of every bin's sample corners, ``[k*PH*PW, Gh*Gw*4]``.
 
     A row's entries are ordered (sample y, sample x, corner y, corner x); ``average`` divides the weights by the
     RoI's sample count.
     """
     (PH, PW), (Gh, Gw) = pooled, grid
-    H, W, HW, first = levels[:, plan.level]
-    y, wy = _bin_samples(plan.start_y, plan.bin_h, plan.grid_h, Gh, PH, H)
-    x, wx = _bin_samples(plan.start_x, plan.bin_w, plan.grid_w, Gw, PW, W)
-    y = y * W + first + plan.n.to(HW.dtype) * HW
+    y, wy = _bin_samples(plan.start_y, plan.bin_h, plan.grid_h, Gh, PH, plan.height)
+    x, wx = _bin_samples(plan.start_x, plan.bin_w, plan.grid_w, Gw, PW, plan.width)
+    y = y * plan.width + plan.base
     if average:
         wy = wy / (plan.grid_h * plan.grid_w).clamp(min=1)
     # [PH, PW, Gh, Gw, 2 (y corner), 2 (x corner), k], the RoIs innermost, then one transposing copy to the bags'
     # layout: the same broadcasts with k outermost (inner loops of 2) take 0.62 ms against 0.12 ms (7x7, K=128).
     rows = y[:, None, :, None, :, None] + x[None, :, None, :, None, :]
     weights = wy[:, None, :, None, :, None] * wx[None, :, None, :, None, :]
-    bags = len(H) * PH * PW
-    return rows.permute(6, 0, 1, 2, 3, 4, 5).reshape(bags, -1), weights.permute(6, 0, 1, 2, 3, 4, 5).reshape(bags, -1)
+    # contiguous(): with a single bin and a 1-wide grid, permute + reshape is a strided view (max mode views it).
+    bags = len(plan.base) * PH * PW
+    rows, weights = (t.permute(6, 0, 1, 2, 3, 4, 5).contiguous().view(bags, -1) for t in (rows, weights))
+    return rows, weights
 
 
 def _chunks(K: int, per_roi: int) -> list[slice]:
@@ -216,14 +225,14 @@ def forward_torch(
         out = f0.new_zeros((K, C, PH, PW))
         return out, f0.new_full(out.shape if max_mode else (0,), -1, dtype=torch.int32)
     acc = acc_dtype(f0.dtype)
-    plan = _plan(rois, valid, N, scales, pooled, sampling_ratio, aligned, canonical, acc)
+    shapes = [(f.shape[2], f.shape[3]) for f in features]
+    plan = _plan(rois, valid, shapes, N, C, scales, pooled, sampling_ratio, aligned, canonical, acc)
     Gh, Gw = _grid(plan, sampling_ratio)
-    levels = _levels([tuple(f.shape[2:]) for f in features], N, C, f0.device)
     table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, C) for f in features]).to(acc)
     outs, args = [], []
     for ch in _chunks(K, PH * PW * Gh * Gw * (4 + C if max_mode else 4)):
         p = plan[ch]
-        rows, weights = _corners(p, levels, (Gh, Gw), pooled, average=not max_mode)
+        rows, weights = _corners(p, (Gh, Gw), pooled, average=not max_mode)
         if not max_mode:
             outs.append(F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum"))
             continue
@@ -266,14 +275,13 @@ def backward_torch(
     if not (K and C and N):
         return [grad.new_zeros((N, C, h, w)).contiguous(memory_format=fmt) for h, w in level_shapes]
     acc = acc_dtype(grad.dtype)
-    plan = _plan(rois, valid, N, scales, pooled, sampling_ratio, aligned, canonical, acc)
+    plan = _plan(rois, valid, level_shapes, N, C, scales, pooled, sampling_ratio, aligned, canonical, acc)
     Gh, Gw = _grid(plan, sampling_ratio)
-    levels = _levels(level_shapes, N, C, grad.device)
     table_rows = N * sum(h * w for h, w in level_shapes)
     g_all = grad.permute(0, 2, 3, 1).reshape(K * PH * PW, C).to(acc)
     table = None
     for ch in _chunks(K, PH * PW * (Gh * Gw * 4 + C * 4 if max_mode else Gh * Gw * 4)):
-        rows, weights = _corners(plan[ch], levels, (Gh, Gw), pooled, average=not max_mode)
+        rows, weights = _corners(plan[ch], (Gh, Gw), pooled, average=not max_mode)
         g = g_all[ch.start * PH * PW : ch.stop * PH * PW]
         if max_mode:
             # The 4 corners of each (bin, channel)'s arg-max sample (its index in the padded grid, gathered), added
