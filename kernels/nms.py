@@ -410,7 +410,10 @@ def _nms_sorted_traced(boxes, order, idxs, valid, threshold, max_out):
         row = sup.index_select(1, i.reshape(1))[:, 0]
         return i + 1, alive & ~(row & alive.index_select(1, i.reshape(1)))
 
-    _, alive = while_loop(lambda i, _: i < N, step, (torch.zeros((), dtype=torch.int64, device=boxes.device), alive))
+    # The bound as a tensor: a Python int captured by the condition can reach inductor's while_loop lowering as an
+    # int input, which it refuses (torch 2.14: "'int' object has no attribute 'meta'").
+    n = torch.full((), N, dtype=torch.int64, device=boxes.device)
+    _, alive = while_loop(lambda i, _: i < n, step, (torch.zeros((), dtype=torch.int64, device=boxes.device), alive))
     # The first max_out kept boxes, by rank; the others go to a spare column that is cut off.
     rank = alive.cumsum(1) - 1
     slot = torch.where(alive & (rank < max_out), rank, max_out)
