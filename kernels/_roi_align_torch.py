@@ -4,7 +4,7 @@ It runs on any device (``use_backend("torch")`` on CUDA tensors): every tensor i
 
 The same math as the Triton kernels (see ``_roi_align_kernels``), vectorized over all RoIs of all levels at
 once. The levels' features form one pixel-major table ``[sum_l N*H_l*W_l, C]``; every RoI looks up its level's
-size and first row with tensor indexing, and every output bin ``(k, i, j)`` becomes one row of
+size and first row (a ``where`` over the few levels), and every output bin ``(k, i, j)`` becomes one row of
 ``[K*PH*PW, S]`` table-row indices and bilinear weights: the 4 corners of each of the bin's ``Gh*Gw`` samples,
 ``S = 4*Gh*Gw``. RoIs with smaller grids, invalid RoIs and samples outside the map weigh 0.
 
@@ -22,10 +22,15 @@ R-CNN's poolers use the fixed ``sampling_ratio=2``). RoIs are processed in stati
 largest intermediate stays under ``_CHUNK_ELEMENTS`` values.
 
 Eager speed against the previous version (per-level ``nonzero`` split, a sparse CSR product forward and an
-``index_add`` of the materialised products backward) at bench/test_roi_align.py's CPU shapes (2 images 200x336,
-C=64, 128 RoIs, sampling_ratio 2, fp32, one thread, min of 21 interleaved runs on a loaded 2-core machine):
-multi-level 7x7 forward 5.0 -> 3.7 ms, forward + backward 20.8 -> 9.4 ms; 14x14 15.1 -> 6.4 ms and
-126 -> 35 ms; single level 7x7 4.6 -> 2.3 ms and 20.1 -> 8.6 ms. bf16 gains alike.
+``index_add`` of the materialised products backward): bench/test_roi_align.py's ``ours`` step callables at its CPU
+shapes (2 images 200x336, C=64, 128 RoIs, sampling_ratio 2, fp32), old and new interleaved, min of 21 runs, one
+thread (two threads on this shared 2-core machine vary 10x run to run), ms, forward / forward + backward:
+
+    multi-level  7x7   5.4 -> 3.9 /  13.3 ->  7.5      single level  7x7   3.6 -> 2.0 /  12.5 ->  6.8
+    multi-level 14x14 10.7 -> 5.2 /  73.6 -> 22.6      single level 14x14 11.0 -> 4.8 /  71.9 -> 21.2
+
+bf16 gains alike. ``OMP_NUM_THREADS=1 python -m pytest bench/test_roi_align.py -k "ours and float32"
+--benchmark-only`` agrees (e.g. multi-level 14x14 backward 72.7 -> 15.5 ms).
 """
 
 from __future__ import annotations
