@@ -7,6 +7,9 @@
 * ``use_backend("torch" | "triton")`` forces one for the ops called inside it (tests compare the two
   paths in one process; benchmarks pin the torch path on CPU).
 
+Also the conventions every op shares: its argument errors (``OpValueError`` / ``OpTypeError``) and its
+autocast rule (``register_autocast``).
+
 The interpreter flag is read once, at import, because ``triton.jit`` decides at decoration time
 whether a kernel is compiled or interpreted.
 """
@@ -102,6 +105,54 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_SAMPLES_PER_SIDE = 1024
 
 
+class OpValueError(ValueError, RuntimeError):
+    """A bad op argument. A ``ValueError``, and a ``RuntimeError`` as torchvision's C++ argument checks
+    (``TORCH_CHECK``) raise, so code written against either catches it."""
+
+
+class OpTypeError(TypeError, RuntimeError):
+    """An op argument of the wrong type (or dtype); a ``RuntimeError`` too, as ``OpValueError``."""
+
+
+class BoxesFormatError(OpValueError, AssertionError):
+    """RoI boxes that are neither ``Tensor[K, 5]`` nor ``list[Tensor[L, 4]]``: also an ``AssertionError``, which
+    torchvision's box check (``torch._assert``) raises."""
+
+
+_AUTOCAST_LIB = torch.library.Library("mrcnn", "IMPL")
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def _upcast(value: object, device: str) -> object:
+    """torchvision's autocast cast (``cached_cast(kFloat, ...)``): float16/bfloat16 tensors on ``device`` to
+    float32, inside lists too; everything else as it is."""
+    if isinstance(value, torch.Tensor):
+        half = value.dtype in (torch.float16, torch.bfloat16) and value.device.type == device
+        return value.float() if half else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_upcast(v, device) for v in value)
+    return value
+
+
+def register_autocast(name: str, *, upcast: bool) -> None:
+    """The autocast rule of ``torch.ops.mrcnn.<name>`` on CPU and CUDA (torchvision registers one for each of its
+    ops on both): the op runs with autocast off, so the torch paths' matmuls are not lowered to half precision.
+
+    ``upcast=True`` is torchvision's rule for ``nms``: float16/bfloat16 inputs are cast to float32 first (the
+    kept boxes are those of the float32 boxes). ``upcast=False`` keeps the inputs' dtypes: our kernels read half
+    types and accumulate in float32, so a cast would only copy (for RoIAlign, the whole feature pyramid) for
+    the same result in the same output dtype.
+    """
+    op = getattr(torch.ops.mrcnn, name).default
+    for device in ("cpu", "cuda"):
+
+        def kernel(_keyset: torch._C.DispatchKeySet, *args: object, device: str = device) -> object:
+            with torch.autocast(device, enabled=False):
+                return op(*(_upcast(a, device) for a in args)) if upcast else op(*args)
+
+        _AUTOCAST_LIB.impl(name, kernel, _AUTOCAST_KEYS[device], with_keyset=True)
+
+
 def check_tensor(
     name: str,
     t: object,
@@ -110,17 +161,17 @@ def check_tensor(
     dtypes: Sequence[torch.dtype] | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Raise a ``TypeError``/``ValueError`` naming ``name`` unless ``t`` is a tensor of the given rank,
+    """Raise an ``OpTypeError``/``OpValueError`` naming ``name`` unless ``t`` is a tensor of the given rank,
     dtype and device."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise OpTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        raise OpValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+        raise OpTypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the input is on {device}; put them on the same device")
+        raise OpValueError(f"{name} is on {t.device} but the input is on {device}; put them on the same device")
     return t
 
 
@@ -133,9 +184,9 @@ def check_sampling_ratio(sampling_ratio: object) -> int:
             raise TypeError
         sampling_ratio = operator.index(sampling_ratio)
     except TypeError:
-        raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}") from None
+        raise OpTypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}") from None
     if sampling_ratio > MAX_SAMPLES_PER_SIDE:
-        raise ValueError(
+        raise OpValueError(
             f"sampling_ratio must be <= {MAX_SAMPLES_PER_SIDE} samples per bin side (or <= 0: adaptive), "
             f"got {sampling_ratio}"
         )

@@ -41,7 +41,15 @@ import math
 import torch
 from torch import Tensor
 
-from ._backend import FLOAT_DTYPES, acc_dtype, backend_for, check_tensor
+from ._backend import (
+    FLOAT_DTYPES,
+    OpTypeError,
+    OpValueError,
+    acc_dtype,
+    backend_for,
+    check_tensor,
+    register_autocast,
+)
 from ._box_coder_kernels import decode_backward_triton, decode_triton, encode_triton
 
 __all__ = ["BoxCoder", "decode_boxes", "encode_boxes"]
@@ -56,7 +64,7 @@ _SIZE_DTYPES = (torch.int32, torch.int64, *FLOAT_DTYPES)
 
 def _check_weights(weights: list[float]) -> list[float]:
     if len(weights) != 4:
-        raise ValueError(f"weights must hold 4 numbers (wx, wy, ww, wh), got {list(weights)}")
+        raise OpValueError(f"weights must hold 4 numbers (wx, wy, ww, wh), got {list(weights)}")
     return [float(w) for w in weights]
 
 
@@ -74,32 +82,32 @@ def _validate_decode(
     check_tensor("boxes", boxes, ndim=2, dtypes=FLOAT_DTYPES, device=deltas.device)
     R = deltas.shape[0]
     if deltas.shape[1] % 4 != 0:
-        raise ValueError(f"deltas must have shape [R, K*4], got {tuple(deltas.shape)}")
+        raise OpValueError(f"deltas must have shape [R, K*4], got {tuple(deltas.shape)}")
     if boxes.shape != (R, 4):
-        raise ValueError(f"boxes must have shape [R, 4] = [{R}, 4], got {tuple(boxes.shape)}")
+        raise OpValueError(f"boxes must have shape [R, 4] = [{R}, 4], got {tuple(boxes.shape)}")
     _check_weights(weights)
     if image_sizes is not None:
         check_tensor("image_sizes", image_sizes, ndim=2, dtypes=_SIZE_DTYPES, device=deltas.device)
         if image_sizes.shape != (R, 2):
-            raise ValueError(f"image_sizes must have shape [R, 2] = [{R}, 2] (h, w), got {tuple(image_sizes.shape)}")
+            raise OpValueError(f"image_sizes must have shape [R, 2] = [{R}, 2] (h, w), got {tuple(image_sizes.shape)}")
     if (scores is None) != (score_thresh is None):
-        raise ValueError("scores and score_thresh must be given together")
+        raise OpValueError("scores and score_thresh must be given together")
     if scores is not None:
         check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, device=deltas.device)
         if scores.shape != (R, deltas.shape[1] // 4):
             K = deltas.shape[1] // 4
-            raise ValueError(f"scores must have shape [R, K] = [{R}, {K}], got {tuple(scores.shape)}")
+            raise OpValueError(f"scores must have shape [R, K] = [{R}, {K}], got {tuple(scores.shape)}")
     if min_size is not None and not math.isfinite(min_size):
-        raise ValueError(f"min_size must be finite, got {min_size}")
+        raise OpValueError(f"min_size must be finite, got {min_size}")
     if math.isnan(clip):  # +inf is no clamp (exp may overflow to an infinite box, as in torchvision)
-        raise ValueError(f"clip must be a number (inf: no clamp), got {clip}")
+        raise OpValueError(f"clip must be a number (inf: no clamp), got {clip}")
 
 
 def _validate_encode(reference_boxes: Tensor, proposals: Tensor, weights: list[float]) -> None:
     check_tensor("reference_boxes", reference_boxes, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("proposals", proposals, ndim=2, dtypes=FLOAT_DTYPES, device=reference_boxes.device)
     if reference_boxes.shape[1] != 4 or proposals.shape != reference_boxes.shape:
-        raise ValueError(
+        raise OpValueError(
             f"reference_boxes and proposals must both have shape [N, 4], got {tuple(reference_boxes.shape)} "
             f"and {tuple(proposals.shape)}"
         )
@@ -337,6 +345,10 @@ def _encode_grad(ctx, grad):
 
 
 _encode_boxes_op.register_autograd(_encode_grad, setup_context=_encode_setup)
+# Half inputs keep their dtype under autocast: the math runs in float32 and rounds once to the output dtype, more
+# accurate than torchvision's decode in half (see Precision above), without a float32 copy.
+for _name in ("decode_boxes", "decode_boxes_backward", "encode_boxes"):
+    register_autocast(_name, upcast=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,17 +406,18 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: tuple[floa
 
 class BoxCoder:
     """``torchvision.models.detection._utils.BoxCoder`` on our kernels: same constructor, methods and results
-    (up to rounding: half inputs are computed in float32)."""
+    (up to rounding: half inputs are computed in float32). Scriptable; its methods use only ``weights`` and
+    ``bbox_xform_clip``, so ``patch_torchvision`` installs them on torchvision's class as they are."""
 
     def __init__(self, weights: tuple[float, float, float, float], bbox_xform_clip: float = _DEFAULT_CLIP) -> None:
         self.weights = weights
         self.bbox_xform_clip = bbox_xform_clip
 
-    def encode(self, reference_boxes: list[Tensor], proposals: list[Tensor]) -> tuple[Tensor, ...]:
-        """Per-image targets: ``list[Tensor[N_i, 4]]`` ground truths and proposals -> ``tuple[Tensor[N_i, 4]]``."""
+    def encode(self, reference_boxes: list[Tensor], proposals: list[Tensor]) -> list[Tensor]:
+        """Per-image targets: ``list[Tensor[N_i, 4]]`` ground truths and proposals -> ``list[Tensor[N_i, 4]]``."""
         boxes_per_image = [len(b) for b in reference_boxes]
         targets = self.encode_single(torch.cat(reference_boxes, dim=0), torch.cat(proposals, dim=0))
-        return targets.split(boxes_per_image, 0)
+        return list(targets.split(boxes_per_image, 0))
 
     def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
         """``Tensor[N, 4]`` targets of ``reference_boxes: Tensor[N, 4]`` w.r.t. ``proposals: Tensor[N, 4]``."""
@@ -414,9 +427,9 @@ class BoxCoder:
         """``rel_codes: Tensor[N, K*4]`` against ``list[Tensor[N_i, 4]]`` (``N = sum N_i``) -> ``Tensor[N, K, 4]``.
 
         As torchvision, with no boxes at all the result is ``decode_single``'s ``[0, K*4]``."""
-        if not isinstance(boxes, (list, tuple)):
-            raise TypeError(f"boxes must be a list or tuple of Tensor[N_i, 4], got {type(boxes).__name__}")
-        concat_boxes = torch.cat(list(boxes), dim=0)
+        if not torch.jit.is_scripting() and not isinstance(boxes, (list, tuple)):
+            raise OpTypeError(f"boxes must be a list or tuple of Tensor[N_i, 4], got {type(boxes).__name__}")
+        concat_boxes = torch.cat(boxes, dim=0)
         box_sum = concat_boxes.shape[0]
         if box_sum > 0:
             rel_codes = rel_codes.reshape(box_sum, -1)
@@ -425,4 +438,8 @@ class BoxCoder:
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
         """``rel_codes: Tensor[N, K*4]`` against ``boxes: Tensor[N, 4]`` -> ``Tensor[N, K*4]``."""
-        return decode_boxes(rel_codes, boxes, self.weights, self.bbox_xform_clip).flatten(1)
+        # decode_boxes without filters, called as the op: TorchScript needs one return type, not decode_boxes' two.
+        weights = [float(w) for w in self.weights]
+        out = torch.ops.mrcnn.decode_boxes(rel_codes, boxes, weights, float(self.bbox_xform_clip), None, None, None,
+                                           None)[0]  # fmt: skip
+        return out.flatten(1)

@@ -51,7 +51,15 @@ import torch
 from torch import Tensor
 
 from . import _mask_loss_kernels as _k
-from ._backend import FLOAT_DTYPES, acc_dtype, backend_for, check_sampling_ratio, check_tensor
+from ._backend import (
+    FLOAT_DTYPES,
+    OpValueError,
+    acc_dtype,
+    backend_for,
+    check_sampling_ratio,
+    check_tensor,
+    register_autocast,
+)
 
 __all__ = ["mask_loss", "maskrcnn_loss"]
 
@@ -81,22 +89,22 @@ def _check_inputs(
     dev = logits.device
     R, _, M, M2 = logits.shape
     if M != M2 or M == 0:
-        raise ValueError(f"logits must be [R, K, M, M] with M > 0, got shape {tuple(logits.shape)}")
+        raise OpValueError(f"logits must be [R, K, M, M] with M > 0, got shape {tuple(logits.shape)}")
     check_tensor("boxes", boxes, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
     if boxes.shape[0] != R or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must be [R, 4] with R = {R} (logits' first dimension), got {tuple(boxes.shape)}")
+        raise OpValueError(f"boxes must be [R, 4] with R = {R} (logits' first dimension), got {tuple(boxes.shape)}")
     check_tensor("gt_masks", gt_masks, ndim=4, dtypes=MASK_DTYPES, device=dev)
     for name, t in (("image_idx", image_idx), ("matched_idx", matched_idx), ("labels", labels)):
         check_tensor(name, t, ndim=1, dtypes=INDEX_DTYPES, device=dev)
         if t.shape[0] != R:
-            raise ValueError(f"{name} must have R = {R} entries (logits' first dimension), got {t.shape[0]}")
+            raise OpValueError(f"{name} must have R = {R} entries (logits' first dimension), got {t.shape[0]}")
     check_tensor("weights", weights, ndim=1, dtypes=FLOAT_DTYPES, device=dev)
     if weights.shape[0] != R:
-        raise ValueError(f"weights must have R = {R} entries (logits' first dimension), got {weights.shape[0]}")
+        raise OpValueError(f"weights must have R = {R} entries (logits' first dimension), got {weights.shape[0]}")
     if mask_sizes is not None:
         check_tensor("mask_sizes", mask_sizes, ndim=2, dtypes=INDEX_DTYPES, device=dev)
         if mask_sizes.shape[0] != gt_masks.shape[0] or mask_sizes.shape[1] != 2:
-            raise ValueError(f"mask_sizes must be [B, 2] with B = {gt_masks.shape[0]}, got {tuple(mask_sizes.shape)}")
+            raise OpValueError(f"mask_sizes must be [B, 2] with B = {gt_masks.shape[0]}, got {tuple(mask_sizes.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,6 +335,10 @@ def _backward(ctx, grad_loss, _grad_dlogits, _grad_weight_sum):
 
 
 _mask_loss_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast the loss is computed from float32 logits and is a float32 scalar, as torchvision's (its
+# binary_cross_entropy_with_logits runs in float32 under autocast): a bfloat16 loss would keep 3 digits.
+register_autocast("mask_loss", upcast=True)
+register_autocast("mask_loss_backward", upcast=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,7 +354,6 @@ def mask_loss(
     matched_idx: Tensor,
     labels: Tensor,
     weights: Tensor,
-    *,
     binarize: bool = False,
     aligned: bool = False,
     sampling_ratio: int = -1,
@@ -366,28 +377,34 @@ def mask_loss(
 
     Returns:
         Tensor[] scalar in the logits' dtype, differentiable w.r.t. ``logits``.
+
+    Scriptable; pass the arguments after ``weights`` by keyword (TorchScript has no keyword-only ones).
     """
+    if not torch.jit.is_scripting():
+        sampling_ratio = check_sampling_ratio(sampling_ratio)
     return torch.ops.mrcnn.mask_loss(
-        logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes, binarize, aligned,
-        check_sampling_ratio(sampling_ratio),
-    )[0]  # fmt: skip
+        logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes, binarize, aligned, sampling_ratio
+    )[0]
 
 
 def _batch_masks(gt_masks: list[Tensor]) -> tuple[Tensor, Tensor | None]:
     """Per-image masks ``[G_i, H_i, W_i]`` as one padded ``[B, G, H, W]`` tensor (a view for one image)
-    and, when the images' mask sizes differ, their true sizes ``[B, 2]``."""
+    and, when the images' mask sizes differ, their true sizes ``[B, 2]``. (Loops, not generators: scriptable.)"""
     if len(gt_masks) == 1:
         return gt_masks[0][None], None
-    G = max(m.shape[0] for m in gt_masks)
-    H = max(m.shape[1] for m in gt_masks)
-    W = max(m.shape[2] for m in gt_masks)
+    G, H, W = 0, 0, 0
+    for m in gt_masks:
+        G, H, W = max(G, m.shape[0]), max(H, m.shape[1]), max(W, m.shape[2])
     masks = gt_masks[0].new_zeros((len(gt_masks), G, H, W))
+    sizes: list[list[int]] = []
+    same_size = True
     for i, m in enumerate(gt_masks):
         masks[i, : m.shape[0], : m.shape[1], : m.shape[2]] = m
-    if all(m.shape[1] == H and m.shape[2] == W for m in gt_masks):
+        sizes.append([m.shape[1], m.shape[2]])
+        same_size = same_size and m.shape[1] == H and m.shape[2] == W
+    if same_size:
         return masks, None
-    sizes = torch.tensor([[m.shape[1], m.shape[2]] for m in gt_masks], dtype=torch.int64, device=masks.device)
-    return masks, sizes
+    return masks, torch.tensor(sizes, dtype=torch.int64, device=masks.device)
 
 
 def maskrcnn_loss(
@@ -413,7 +430,10 @@ def maskrcnn_loss(
     The per-image masks are copied once into a padded uint8 batch (none for a single image) instead of
     torchvision's float copy of every mask.
     """
-    labels = torch.cat([gl[idx] for gl, idx in zip(gt_labels, mask_matched_idxs, strict=True)])
+    if not torch.jit.is_scripting() and len(gt_labels) != len(mask_matched_idxs):
+        raise OpValueError(f"gt_labels and mask_matched_idxs must have one entry per image, got "
+                           f"{len(gt_labels)} and {len(mask_matched_idxs)}")  # fmt: skip
+    labels = torch.cat([gt_labels[i][idx] for i, idx in enumerate(mask_matched_idxs)])
     boxes = torch.cat(proposals)
     matched = torch.cat(mask_matched_idxs)
     image_idx = torch.cat([torch.full_like(idx, i) for i, idx in enumerate(mask_matched_idxs)])

@@ -66,7 +66,15 @@ from torch import Tensor
 from torch._higher_order_ops.while_loop import while_loop
 from torch._subclasses.fake_tensor import is_fake
 
-from ._backend import FLOAT_DTYPES, acc_dtype, autotune_configs, backend_for, check_tensor
+from ._backend import (
+    FLOAT_DTYPES,
+    OpValueError,
+    acc_dtype,
+    autotune_configs,
+    backend_for,
+    check_tensor,
+    register_autocast,
+)
 from ._triton_utils import ieee_div, loop_bound, offset64, round_to
 
 __all__ = ["nms", "batched_nms", "nms_fixed"]
@@ -275,34 +283,34 @@ def _validate_fixed(
     check_tensor("boxes", boxes, ndim=3, dtypes=FLOAT_DTYPES)
     B, N = boxes.shape[0], boxes.shape[1]
     if boxes.shape[2] != 4:
-        raise ValueError(f"boxes must have shape [B, N, 4], got {tuple(boxes.shape)}")
+        raise OpValueError(f"boxes must have shape [B, N, 4], got {tuple(boxes.shape)}")
     check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, device=boxes.device)
     if scores.shape != (B, N):
-        raise ValueError(f"scores must have shape [B, N] = [{B}, {N}], got {tuple(scores.shape)}")
+        raise OpValueError(f"scores must have shape [B, N] = [{B}, {N}], got {tuple(scores.shape)}")
     if valid is not None:
         check_tensor("valid", valid, ndim=2, dtypes=(torch.bool,), device=boxes.device)
         if valid.shape != (B, N):
-            raise ValueError(f"valid must have shape [B, N] = [{B}, {N}], got {tuple(valid.shape)}")
+            raise OpValueError(f"valid must have shape [B, N] = [{B}, {N}], got {tuple(valid.shape)}")
     if idxs is not None:
         check_tensor("idxs", idxs, ndim=2, dtypes=_IDX_DTYPES, device=boxes.device)
         if idxs.shape != (B, N):
-            raise ValueError(f"idxs must have shape [B, N] = [{B}, {N}], got {tuple(idxs.shape)}")
+            raise OpValueError(f"idxs must have shape [B, N] = [{B}, {N}], got {tuple(idxs.shape)}")
     if max_out < 0:
-        raise ValueError(f"max_out must be >= 0, got {max_out}")
+        raise OpValueError(f"max_out must be >= 0, got {max_out}")
     return B, N
 
 
 def _validate_flat(boxes: Tensor, scores: Tensor, idxs: Tensor | None) -> None:
     check_tensor("boxes", boxes, ndim=2, dtypes=FLOAT_DTYPES)
     if boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
+        raise OpValueError(f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
     check_tensor("scores", scores, ndim=1, dtypes=FLOAT_DTYPES, device=boxes.device)
     if scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"scores must have shape [N] = [{boxes.shape[0]}], got {tuple(scores.shape)}")
+        raise OpValueError(f"scores must have shape [N] = [{boxes.shape[0]}], got {tuple(scores.shape)}")
     if idxs is not None:
         check_tensor("idxs", idxs, ndim=1, dtypes=_IDX_DTYPES, device=boxes.device)
         if idxs.shape[0] != boxes.shape[0]:
-            raise ValueError(f"idxs must have shape [N] = [{boxes.shape[0]}], got {tuple(idxs.shape)}")
+            raise OpValueError(f"idxs must have shape [N] = [{boxes.shape[0]}], got {tuple(idxs.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,6 +496,12 @@ def _(boxes, scores, idxs, iou_threshold):
     return boxes.new_empty((kept,), dtype=torch.int64)
 
 
+# torchvision's autocast rule: half boxes are suppressed as their float32 values are (bfloat16 IoUs would decide
+# boxes near the threshold differently).
+register_autocast("nms", upcast=True)
+register_autocast("nms_fixed", upcast=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -503,7 +517,12 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
     Returns:
         ``Tensor[M]`` int64 indices of the kept boxes, by decreasing score.
+
+    Scriptable. Quantized boxes and scores (CPU, as torchvision) are suppressed as their dequantized values are:
+    torchvision's quantized NMS, which works on the integer values, decides the same up to float rounding.
     """
+    if not torch.jit.is_scripting() and boxes.is_quantized:
+        boxes, scores = boxes.dequantize(), scores.dequantize()
     return torch.ops.mrcnn.nms(boxes, scores, None, float(iou_threshold))
 
 

@@ -57,7 +57,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import FLOAT_DTYPES, acc_dtype, autotune_configs, backend_for, check_tensor, tl_acc_dtype
+from ._backend import (
+    FLOAT_DTYPES,
+    OpValueError,
+    acc_dtype,
+    autotune_configs,
+    backend_for,
+    check_tensor,
+    register_autocast,
+    tl_acc_dtype,
+)
 from ._triton_utils import offset64, round_to
 
 # Box coordinates are clamped to this before the float -> int64 conversion, which is undefined
@@ -412,6 +421,8 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> t
 
 
 _paste_masks_op.register_autograd(_backward, setup_context=_setup_context)
+# Half masks keep their dtype under autocast: the resize runs in float32 and rounds once (see above).
+register_autocast("paste_masks", upcast=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,10 +440,10 @@ def _check_inputs(
 ) -> None:
     masks = check_tensor("masks", masks, ndim=4, dtypes=FLOAT_DTYPES)
     if masks.shape[1] != 1 or masks.shape[2] < 1 or masks.shape[3] < 1:
-        raise ValueError(f"masks must have shape [D, 1, M_h, M_w] with M_h, M_w >= 1, got {tuple(masks.shape)}")
+        raise OpValueError(f"masks must have shape [D, 1, M_h, M_w] with M_h, M_w >= 1, got {tuple(masks.shape)}")
     boxes = check_tensor("boxes", boxes, ndim=2, dtypes=FLOAT_DTYPES, device=masks.device)
     if boxes.shape[1] != 4 or boxes.shape[0] != masks.shape[0]:
-        raise ValueError(
+        raise OpValueError(
             f"boxes must have shape [D, 4] with D = masks.shape[0] = {masks.shape[0]}, got {tuple(boxes.shape)}"
         )
     if (
@@ -441,17 +452,17 @@ def _check_inputs(
         or not all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) for s in img_shape)
         or any(s < 0 for s in img_shape)
     ):
-        raise ValueError(f"img_shape must be (height, width), two ints >= 0, got {img_shape!r}")
+        raise OpValueError(f"img_shape must be (height, width), two ints >= 0, got {img_shape!r}")
     if not isinstance(padding, int) or isinstance(padding, bool) or not 0 <= padding <= MAX_PADDING:
-        raise ValueError(f"padding must be an int in [0, {MAX_PADDING}], got {padding!r}")
+        raise OpValueError(f"padding must be an int in [0, {MAX_PADDING}], got {padding!r}")
     if threshold is not None and (
         not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold)
     ):
-        raise ValueError(f"threshold must be None or a finite number, got {threshold!r}")
+        raise OpValueError(f"threshold must be None or a finite number, got {threshold!r}")
     if valid is not None:
         valid = check_tensor("valid", valid, ndim=1, dtypes=(torch.bool,), device=masks.device)
         if valid.shape[0] != masks.shape[0]:
-            raise ValueError(
+            raise OpValueError(
                 f"valid must have shape [D] with D = masks.shape[0] = {masks.shape[0]}, got {tuple(valid.shape)}"
             )
 
@@ -461,7 +472,6 @@ def paste_masks_in_image(
     boxes: torch.Tensor,
     img_shape: tuple[int, int],
     padding: int = 1,
-    *,
     threshold: float | None = None,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -482,9 +492,11 @@ def paste_masks_in_image(
     kernel for all masks instead of one interpolate per mask. Boxes entirely outside the image or
     with non-finite coordinates paste zeros (torchvision raises or wraps around). Differentiable in
     ``masks`` (not in ``boxes``).
+
+    Scriptable; pass ``threshold`` and ``valid`` by keyword (TorchScript has no keyword-only arguments).
     """
-    _check_inputs(masks, boxes, img_shape, padding, threshold, valid)
+    if not torch.jit.is_scripting():
+        _check_inputs(masks, boxes, img_shape, padding, threshold, valid)
+        threshold = None if threshold is None else float(threshold)
     image_height, image_width = img_shape
-    return _paste_masks_op(
-        masks, boxes, image_height, image_width, padding, None if threshold is None else float(threshold), valid
-    )
+    return torch.ops.mrcnn.paste_masks(masks, boxes, image_height, image_width, padding, threshold, valid)

@@ -21,6 +21,10 @@ paste_masks    ``paste_masks_in_image`` in ``torchvision.models.detection.roi_he
 manager (everything is restored on exit) or call ``.restore()``. Patches nest, and handles may be
 restored in any order: an entry point stays patched while any handle that replaced it is live, and goes back
 to torchvision's own when the last one is restored.
+
+Every replacement is scriptable and FX-wrapped where torchvision's is, so a patched model can still be scripted
+(``torch.jit.script`` resolves these attributes when it compiles a model type: script under the patch) and cut up
+with ``create_feature_extractor``.
 """
 
 from __future__ import annotations
@@ -29,39 +33,21 @@ import importlib
 from types import TracebackType
 from typing import Any
 
-from torch import Tensor
-
 # Functions, not modules: ``kernels.roi_align`` (and ``.nms``, ``.mask_loss``) name the functions.
 from .box_coder import BoxCoder
 from .mask_loss import maskrcnn_loss
 from .nms import batched_nms as _batched_nms
 from .nms import nms as _nms
 from .paste_masks import paste_masks_in_image
-from .roi_align import _boxes_to_rois, multiscale_roi_align
 from .roi_align import roi_align as _roi_align
 
 __all__ = ["patch_torchvision"]
 
 
-def _multiscale(x_filtered, boxes, output_size, sampling_ratio, scales, mapper) -> Tensor:
-    """Drop-in for ``torchvision.ops.poolers._multiscale_roi_align``."""
-    if scales is None or mapper is None:
-        raise ValueError("scales and mapper should not be None")
-    rois = _boxes_to_rois(boxes, x_filtered[0])
-    return multiscale_roi_align(
-        x_filtered, rois, tuple(output_size), scales, sampling_ratio,
-        canonical_scale=mapper.s0, canonical_level=mapper.lvl0,
-    )  # fmt: skip
-
-
-def _coder(self) -> BoxCoder:
-    return BoxCoder(self.weights, self.bbox_xform_clip)
-
-
 def _box_coder_methods() -> dict[str, Any]:
-    """torchvision ``BoxCoder`` methods that delegate to ours with the instance's weights and clip."""
-    names = ("encode", "encode_single", "decode", "decode_single")
-    return {name: lambda self, a, b, name=name: getattr(_coder(self), name)(a, b) for name in names}
+    """Our ``BoxCoder``'s methods, which read only ``weights`` and ``bbox_xform_clip`` (torchvision's attributes too):
+    as plain functions they are torchvision's methods as well, and TorchScript compiles them as such."""
+    return {name: getattr(BoxCoder, name) for name in ("encode", "encode_single", "decode", "decode_single")}
 
 
 def _targets(
@@ -76,7 +62,9 @@ def _targets(
             ("torchvision.ops.poolers", "roi_align", _roi_align),
         ]
     if multiscale:
-        out.append(("torchvision.ops.poolers", "_multiscale_roi_align", _multiscale))
+        from ._torchvision import multiscale_roi_align_levels  # imports torchvision
+
+        out.append(("torchvision.ops.poolers", "_multiscale_roi_align", multiscale_roi_align_levels))
     if nms:
         for module in ("torchvision.ops", "torchvision.ops.boxes"):
             out += [(module, "nms", _nms), (module, "batched_nms", _batched_nms)]

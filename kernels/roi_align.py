@@ -31,8 +31,18 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
-from ._backend import FLOAT_DTYPES, backend_for, check_sampling_ratio, check_tensor
+from ._backend import (
+    FLOAT_DTYPES,
+    BoxesFormatError,
+    OpTypeError,
+    OpValueError,
+    backend_for,
+    check_sampling_ratio,
+    check_tensor,
+    register_autocast,
+)
 from ._roi_align_kernels import MAX_LEVELS, backward_triton, forward_triton
 from ._roi_align_torch import backward_torch, forward_torch
 
@@ -49,7 +59,7 @@ def _pair(output_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     else:
         size = ()
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-        raise ValueError(f"output_size must be a positive int or a pair of positive ints, got {output_size!r}")
+        raise OpValueError(f"output_size must be a positive int or a pair of positive ints, got {output_size!r}")
     return size
 
 
@@ -64,27 +74,27 @@ def _validate(
     canonical: tuple[float, float],
 ) -> None:
     if not 1 <= len(features) <= MAX_LEVELS:
-        raise ValueError(f"features must hold 1 to {MAX_LEVELS} feature maps, got {len(features)}")
+        raise OpValueError(f"features must hold 1 to {MAX_LEVELS} feature maps, got {len(features)}")
     f0 = check_tensor("input", features[0], ndim=4, dtypes=FLOAT_DTYPES)
     for i, f in enumerate(features):
         name = f"features[{i}]"
         check_tensor(name, f, ndim=4, dtypes=(f0.dtype,), device=f0.device)
         if f.shape[:2] != f0.shape[:2]:
-            raise ValueError(f"{name} has batch and channels {tuple(f.shape[:2])}, expected {tuple(f0.shape[:2])}")
+            raise OpValueError(f"{name} has batch and channels {tuple(f.shape[:2])}, expected {tuple(f0.shape[:2])}")
         if f.shape[2] == 0 or f.shape[3] == 0:
-            raise ValueError(f"{name} has an empty spatial size {tuple(f.shape[2:])}")
-    check_tensor("rois", rois, ndim=2, dtypes=FLOAT_DTYPES, device=f0.device)
-    if rois.shape[1] != 5:
-        raise ValueError(f"rois must have shape [K, 5] (batch index, x1, y1, x2, y2), got {tuple(rois.shape)}")
+            raise OpValueError(f"{name} has an empty spatial size {tuple(f.shape[2:])}")
+    check_tensor("rois", rois, dtypes=FLOAT_DTYPES, device=f0.device)
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise BoxesFormatError(f"rois must have shape [K, 5] (batch index, x1, y1, x2, y2), got {tuple(rois.shape)}")
     if valid is not None:
         check_tensor("valid", valid, ndim=1, dtypes=(torch.bool,), device=f0.device)
         if valid.shape[0] != rois.shape[0]:
-            raise ValueError(f"valid must have shape [K] = [{rois.shape[0]}], got {tuple(valid.shape)}")
+            raise OpValueError(f"valid must have shape [K] = [{rois.shape[0]}], got {tuple(valid.shape)}")
     # The Triton kernels take the scales as float32 (and a float64 one as a float32 pair), so a scale must be a
     # normal float32 number for both backends to pool the same: 1e39 would be inf there, finite here.
     f32 = torch.finfo(torch.float32)
     if len(scales) != len(features) or not all(f32.tiny <= s <= f32.max for s in scales):
-        raise ValueError(
+        raise OpValueError(
             f"scales (spatial_scale) must hold one positive scale per feature map within float32's normal range "
             f"[{f32.tiny:.3g}, {f32.max:.3g}], got {scales}"
         )
@@ -95,16 +105,16 @@ def _validate(
         if not all(math.isclose(ki, round(ki)) for ki in k) or [round(ki) for ki in k] != list(
             range(round(k[0]), round(k[0]) + len(k))
         ):
-            raise ValueError(f"scales must be consecutive powers of two, finest first (1/4 ... 1/32), got {scales}")
+            raise OpValueError(f"scales must be consecutive powers of two, finest first (1/4 ... 1/32), got {scales}")
         if not (math.isfinite(canonical[0]) and canonical[0] > 0 and math.isfinite(canonical[1])):
-            raise ValueError(
+            raise OpValueError(
                 f"canonical_scale must be finite and positive and canonical_level finite, got {canonical}"
             )
     check_sampling_ratio(sampling_ratio)
     if pooled[0] <= 0 or pooled[1] <= 0:
-        raise ValueError(f"output_size must be positive, got {pooled}")
+        raise OpValueError(f"output_size must be positive, got {pooled}")
     if pool_mode not in _POOL_MODES:
-        raise ValueError(f"pool_mode must be 'avg' or 'max', got {pool_mode!r}")
+        raise OpValueError(f"pool_mode must be 'avg' or 'max', got {pool_mode!r}")
 
 
 def _channels_last(t: Tensor) -> bool:
@@ -203,6 +213,10 @@ def _roi_align_grad(ctx, grad, _grad_argmax):
 
 
 _roi_align_op.register_autograd(_roi_align_grad, setup_context=_roi_align_setup)
+# Under autocast the features keep their dtype (torchvision casts them to float32 and the result back): our
+# half kernels accumulate in float32 and round once, as that round trip does, without a float32 copy of the maps.
+register_autocast("roi_align", upcast=False)
+register_autocast("roi_align_backward", upcast=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +306,8 @@ def _multiscale_grad(ctx, grad, _grad_argmax):
 
 
 _multiscale_op.register_autograd(_multiscale_grad, setup_context=_multiscale_setup)
+register_autocast("multiscale_roi_align", upcast=False)
+register_autocast("multiscale_roi_align_backward", upcast=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,30 +315,46 @@ _multiscale_op.register_autograd(_multiscale_grad, setup_context=_multiscale_set
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_boxes(boxes: object, like: Tensor) -> None:
+    """Eager check of torchvision's two box forms, naming the bad element (a ``Tensor[K, 5]``'s shape is the op's
+    to check). A ``BoxesFormatError`` is also the ``AssertionError`` torchvision raises."""
+    if isinstance(boxes, Tensor):
+        return
+    if not isinstance(boxes, (list, tuple)):
+        raise BoxesFormatError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+    for i, b in enumerate(boxes):
+        check_tensor(f"boxes[{i}]", b, dtypes=FLOAT_DTYPES, device=like.device)
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise BoxesFormatError(f"boxes[{i}] must have shape [L, 4], got {tuple(b.shape)}")
+
+
 def _boxes_to_rois(boxes: Tensor | list[Tensor], like: Tensor) -> Tensor:
     """``Tensor[K, 5]`` from torchvision's two box forms (``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]``)."""
+    if not torch.jit.is_scripting():
+        _check_boxes(boxes, like)
     if isinstance(boxes, Tensor):
         return boxes
-    if not isinstance(boxes, (list, tuple)):
-        raise TypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
-    for i, b in enumerate(boxes):
-        check_tensor(f"boxes[{i}]", b, ndim=2, dtypes=FLOAT_DTYPES, device=like.device)
-        if b.shape[1] != 4:
-            raise ValueError(f"boxes[{i}] must have shape [L, 4], got {tuple(b.shape)}")
-    if not boxes:
+    if len(boxes) == 0:
         return like.new_zeros((0, 5))
-    rows = [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
-    return torch.cat(rows, dim=0)
+    return torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], dim=0)
 
 
+def _dequantize_boxes(boxes: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+    if isinstance(boxes, Tensor):
+        return boxes.dequantize() if boxes.is_quantized else boxes
+    return [b.dequantize() if b.is_quantized else b for b in boxes]
+
+
+# FX: ``symbolic_trace`` records a call of these functions as one node instead of tracing into them (a Proxy is
+# neither a Tensor nor a list), as torchvision wraps its ``roi_align``; our modules' forwards call them.
+@torch.fx.wrap
 def roi_align(
     input: Tensor,
     boxes: Tensor | list[Tensor],
-    output_size: int | tuple[int, int],
+    output_size: BroadcastingList2[int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
-    *,
     pool_mode: str = "avg",
 ) -> Tensor:
     """RoIAlign (Mask R-CNN), ``torchvision.ops.roi_align`` plus ``pool_mode``.
@@ -340,11 +372,22 @@ def roi_align(
 
     Returns:
         ``Tensor[K, C, PH, PW]`` in ``input``'s dtype.
+
+    Scriptable (``torch.jit.script``). A quantized ``input`` (``quint8``, ``qint8``, ``qint32``, per tensor; CPU, as
+    torchvision) is pooled in float32 from its dequantized values and boxes, and the result quantized with the
+    input's scale and zero point: torchvision's quantized RoIAlign, which also computes in float.
     """
+    if not torch.jit.is_scripting():
+        if input.is_quantized:
+            out = roi_align(input.dequantize(), _dequantize_boxes(boxes), output_size, spatial_scale,
+                            sampling_ratio, aligned, pool_mode)  # fmt: skip
+            return torch.quantize_per_tensor(out, input.q_scale(), input.q_zero_point(), input.dtype)
+        # Friendly errors for what TorchScript's types rule out (an output_size of 2.5, a numpy sampling ratio).
+        output_size = _pair(output_size)
+        sampling_ratio = check_sampling_ratio(sampling_ratio)
     rois = _boxes_to_rois(boxes, input)
-    PH, PW = _pair(output_size)
     return torch.ops.mrcnn.roi_align(
-        input, rois, float(spatial_scale), PH, PW, check_sampling_ratio(sampling_ratio), bool(aligned), pool_mode
+        input, rois, float(spatial_scale), output_size[0], output_size[1], sampling_ratio, bool(aligned), pool_mode
     )[0]
 
 
@@ -368,30 +411,30 @@ class RoIAlign(nn.Module):
         self.pool_mode = pool_mode
 
     def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
-        return roi_align(
-            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
-            pool_mode=self.pool_mode,
-        )  # fmt: skip
+        return roi_align(input, rois, self.output_size, float(self.spatial_scale), self.sampling_ratio, self.aligned,
+                         self.pool_mode)  # fmt: skip
 
     def extra_repr(self) -> str:
+        # torchvision's repr, plus pool_mode where it is not torchvision's average.
+        mode = "" if self.pool_mode == "avg" else f", pool_mode={self.pool_mode!r}"
         return (
             f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, pool_mode={self.pool_mode!r}"
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}{mode}"
         )
 
 
+@torch.fx.wrap
 def multiscale_roi_align(
     features: list[Tensor],
     rois: Tensor,
-    output_size: int | tuple[int, int],
+    output_size: BroadcastingList2[int],
     scales: list[float],
     sampling_ratio: int = 2,
-    *,
     valid: Tensor | None = None,
     aligned: bool = False,
     pool_mode: str = "avg",
-    canonical_scale: float = 224,
-    canonical_level: float = 4,
+    canonical_scale: float = 224.0,
+    canonical_level: float = 4.0,
 ) -> Tensor:
     """Pool every RoI from its FPN level, all levels in one launch.
 
@@ -411,23 +454,30 @@ def multiscale_roi_align(
 
     Returns:
         ``Tensor[K, C, PH, PW]``; the shape never depends on the data.
+
+    Scriptable; pass the arguments after ``sampling_ratio`` by keyword (TorchScript has no keyword-only ones).
     """
-    if not isinstance(features, (list, tuple)):
-        raise TypeError(f"features must be a list of Tensor[N, C, H, W], got {type(features).__name__}")
-    PH, PW = _pair(output_size)
+    if not torch.jit.is_scripting():
+        if not isinstance(features, (list, tuple)):
+            raise OpTypeError(f"features must be a list of Tensor[N, C, H, W], got {type(features).__name__}")
+        features = list(features)
+        scales = [float(s) for s in scales]
+        output_size = _pair(output_size)
+        sampling_ratio = check_sampling_ratio(sampling_ratio)
     return torch.ops.mrcnn.multiscale_roi_align(
-        list(features), rois, valid, [float(s) for s in scales], PH, PW, check_sampling_ratio(sampling_ratio),
-        bool(aligned), pool_mode, float(canonical_scale), float(canonical_level),
+        features, rois, valid, scales, output_size[0], output_size[1], sampling_ratio, bool(aligned), pool_mode,
+        float(canonical_scale), float(canonical_level),
     )[0]  # fmt: skip
 
 
 def infer_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
     """torchvision's scale inference: ``2 ** round(log2(feature height / largest image height))``."""
-    if not image_shapes:
+    if len(image_shapes) == 0:
         raise ValueError("image_shapes should not be empty")
-    max_h = max(s[0] for s in image_shapes)
-    # round() is half-to-even like torch.round, which torchvision uses.
-    return [2.0 ** round(math.log2(float(f.shape[-2]) / float(max_h))) for f in features]
+    max_h = max([s[0] for s in image_shapes])
+    # math.log(r, 2) rather than math.log2, which TorchScript lacks: log2 of a ratio of ints is never within rounding
+    # of k + 0.5, so both, and Python's, TorchScript's and torchvision's (torch.round) rounding, agree.
+    return [2.0 ** round(math.log(float(f.shape[-2]) / float(max_h), 2.0)) for f in features]
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -466,18 +516,45 @@ class MultiScaleRoIAlign(nn.Module):
         Returns:
             ``Tensor[sum L_i, C, PH, PW]``.
         """
-        features = [v for k, v in x.items() if k in self.featmap_names]
-        if not features:
-            raise ValueError(f"none of featmap_names {self.featmap_names} is in x (keys {list(x)})")
-        rois = _boxes_to_rois(boxes, features[0])
-        return multiscale_roi_align(
-            features, rois, self.output_size, infer_scales(features, image_shapes), self.sampling_ratio,
-            aligned=self.aligned, pool_mode=self.pool_mode, canonical_scale=self.canonical_scale,
-            canonical_level=self.canonical_level,
+        return _pool_levels(
+            x, boxes, image_shapes, self.featmap_names, self.output_size, self.sampling_ratio, self.aligned,
+            self.pool_mode, float(self.canonical_scale), float(self.canonical_level),
         )  # fmt: skip
 
     def extra_repr(self) -> str:
+        # torchvision's repr, plus our arguments where they are not torchvision's behaviour.
+        ours = ", aligned=True" if self.aligned else ""
+        ours += "" if self.pool_mode == "avg" else f", pool_mode={self.pool_mode!r}"
         return (
             f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
-            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, pool_mode={self.pool_mode!r}"
+            f"sampling_ratio={self.sampling_ratio}{ours}"
         )
+
+
+# One FX node for the whole forward (torchvision makes its MultiScaleRoIAlign a leaf module, which
+# torchvision.models.feature_extraction relies on; ours is not in torchvision.ops, so its forward is one call).
+@torch.fx.wrap
+def _pool_levels(
+    x: dict[str, Tensor],
+    boxes: list[Tensor],
+    image_shapes: list[tuple[int, int]],
+    featmap_names: list[str],
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    pool_mode: str,
+    canonical_scale: float,
+    canonical_level: float,
+) -> Tensor:
+    """``MultiScaleRoIAlign.forward``."""
+    features: list[Tensor] = []
+    for name, feature in x.items():
+        if name in featmap_names:
+            features.append(feature)
+    if len(features) == 0:
+        raise ValueError(f"none of featmap_names {featmap_names} is in x (keys {list(x.keys())})")
+    rois = _boxes_to_rois(boxes, features[0])
+    return multiscale_roi_align(
+        features, rois, output_size, infer_scales(features, image_shapes), sampling_ratio, aligned=aligned,
+        pool_mode=pool_mode, canonical_scale=canonical_scale, canonical_level=canonical_level,
+    )  # fmt: skip

@@ -166,7 +166,7 @@ def _adaptive_samples_per_bin(rois: torch.Tensor, output_size: object, spatial_s
     if not aligned:
         w, h = np.maximum(w, 1), np.maximum(h, 1)
     grid = [min(math.ceil(hh / ph), MAX_SAMPLES_PER_SIDE) * min(math.ceil(ww / pw), MAX_SAMPLES_PER_SIDE)
-            for hh, ww, ok in zip(h, w, finite) if ok and hh > 0 and ww > 0]  # fmt: skip
+            for hh, ww, ok in zip(h, w, finite, strict=True) if ok and hh > 0 and ww > 0]  # fmt: skip
     return max(grid, default=0)
 
 
