@@ -272,9 +272,14 @@ def pytest_configure(config: Any) -> None:
         pass
 
 
+COMPILED_OR_THEIRS = ("torchvision", "torchvision_compile", "ours_compile", "ours_cudagraphs", "ours_package")
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     """Drop the cases that cannot launch a Triton kernel of ours: benchmarks of the ``torchvision``
-    provider and tests pinned to the ``torch`` backend (the names DESIGN.md gives them); when recording
+    provider and tests pinned to the ``torch`` backend (the names DESIGN.md gives them); compiled providers
+    (``ours_compile``, ``ours_cudagraphs``, ``ours_package``: the eager provider's launches, and inductor or
+    AOTInductor compiling over kernels that do not execute aborts the process); when recording
     the suites at COCO shapes, also their tests that are no benchmark (``test_providers_agree``: the same
     launches, and torchvision's CPU kernels at COCO shapes would take minutes)."""
     if _recorder is None:
@@ -283,7 +288,7 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     coco = os.environ.get(SOURCE_ENV) == "coco"
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        unwanted = params.get("provider") == "torchvision" or params.get("backend") == "torch"
+        unwanted = params.get("provider") in COMPILED_OR_THEIRS or params.get("backend") == "torch"
         (drop if unwanted or (coco and "benchmark" not in item.fixturenames) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

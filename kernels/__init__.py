@@ -7,7 +7,7 @@ vectorized torch implementation of the same math (or the Triton kernels under
 """
 
 from ._backend import backend_for, cpu_decompositions, use_backend
-from .box_coder import BoxCoder, decode_boxes, encode_boxes
+from .box_coder import BBOX_XFORM_CLIP, BoxCoder, decode_boxes, encode_boxes
 from .mask_loss import mask_loss, maskrcnn_loss
 from .nms import batched_nms, nms, nms_fixed
 from .paste_masks import paste_masks_in_image
@@ -23,6 +23,7 @@ __all__ = [
     "multiscale_roi_align",
     "MultiScaleRoIAlign",
     "BoxCoder",
+    "BBOX_XFORM_CLIP",
     "decode_boxes",
     "encode_boxes",
     "nms",

@@ -355,14 +355,15 @@ for _name in ("decode_boxes", "decode_boxes_backward", "encode_boxes"):
 # Public API
 # ----------------------------------------------------------------------------------------------
 
-_DEFAULT_CLIP = math.log(1000.0 / 16)
+# torchvision's bbox_xform_clip: a width/height delta is clamped so that a box grows at most 1000/16-fold.
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
 def decode_boxes(
     deltas: Tensor,
     boxes: Tensor,
     weights: tuple[float, float, float, float],
-    clip: float = _DEFAULT_CLIP,
+    clip: float = BBOX_XFORM_CLIP,
     image_sizes: Tensor | None = None,
     *,
     min_size: float | None = None,
@@ -409,7 +410,7 @@ class BoxCoder:
     (up to rounding: half inputs are computed in float32). Scriptable; its methods use only ``weights`` and
     ``bbox_xform_clip``, so ``patch_torchvision`` installs them on torchvision's class as they are."""
 
-    def __init__(self, weights: tuple[float, float, float, float], bbox_xform_clip: float = _DEFAULT_CLIP) -> None:
+    def __init__(self, weights: tuple[float, float, float, float], bbox_xform_clip: float = BBOX_XFORM_CLIP) -> None:
         self.weights = weights
         self.bbox_xform_clip = bbox_xform_clip
 

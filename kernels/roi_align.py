@@ -49,6 +49,8 @@ from ._roi_align_torch import backward_torch, forward_torch
 __all__ = ["roi_align", "RoIAlign", "multiscale_roi_align", "MultiScaleRoIAlign"]
 
 _POOL_MODES = ("avg", "max")
+# torchvision's LevelMapper defaults (canonical_scale, canonical_level); with a single level they pick nothing.
+CANONICAL = (224.0, 4.0)
 
 
 def _pair(output_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -161,13 +163,13 @@ def _roi_align_op(
 ) -> tuple[Tensor, Tensor]:
     """``(output [K, C, PH, PW], argmax [K, C, PH, PW] int32 in max mode, else [0])``."""
     pooled = (pooled_height, pooled_width)
-    return _forward([input], rois, None, [spatial_scale], pooled, sampling_ratio, aligned, pool_mode, (224.0, 4.0))
+    return _forward([input], rois, None, [spatial_scale], pooled, sampling_ratio, aligned, pool_mode, CANONICAL)
 
 
 @_roi_align_op.register_fake
 def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode):
     pooled = (pooled_height, pooled_width)
-    _validate([input], rois, None, [spatial_scale], pooled, pool_mode, sampling_ratio, (224.0, 4.0))
+    _validate([input], rois, None, [spatial_scale], pooled, pool_mode, sampling_ratio, CANONICAL)
     return _fake_forward([input], rois, pooled, pool_mode)
 
 
@@ -189,7 +191,7 @@ def _roi_align_backward_op(
 ) -> Tensor:
     """Gradient of ``roi_align`` w.r.t. its input: ``[batch_size, C, height, width]``."""
     return _backward(grad, rois, None, argmax, [(height, width)], batch_size, channels_last, [spatial_scale],
-                     (pooled_height, pooled_width), sampling_ratio, aligned, pool_mode, (224.0, 4.0))[0]  # fmt: skip
+                     (pooled_height, pooled_width), sampling_ratio, aligned, pool_mode, CANONICAL)[0]  # fmt: skip
 
 
 @_roi_align_backward_op.register_fake
@@ -433,8 +435,8 @@ def multiscale_roi_align(
     valid: Tensor | None = None,
     aligned: bool = False,
     pool_mode: str = "avg",
-    canonical_scale: float = 224.0,
-    canonical_level: float = 4.0,
+    canonical_scale: float = CANONICAL[0],
+    canonical_level: float = CANONICAL[1],
 ) -> Tensor:
     """Pool every RoI from its FPN level, all levels in one launch.
 

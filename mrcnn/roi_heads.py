@@ -17,8 +17,6 @@ survive NMS.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,8 +28,6 @@ import kernels
 from .config import MaskRCNNConfig
 from .matching import BELOW_LOW_THRESHOLD, box_iou, match, sample
 from .structures import Detections, Targets
-
-_BOX_CLIP = math.log(1000.0 / 16)
 
 
 def _gather(t: Tensor, idx: Tensor) -> Tensor:
@@ -134,7 +130,8 @@ class RoIHeads(nn.Module):
         scores = F.softmax(class_logits.float(), -1)
         sizes = image_sizes[:, None, :].expand(B, P, 2).reshape(B * P, 2)
         boxes, ok = kernels.decode_boxes(
-            box_regression.float(), proposals.reshape(B * P, 4).float(), c.bbox_reg_weights, _BOX_CLIP, sizes,
+            box_regression.float(), proposals.reshape(B * P, 4).float(), c.bbox_reg_weights,
+            kernels.BBOX_XFORM_CLIP, sizes,
             min_size=1e-2, scores=scores, score_thresh=c.box_score_thresh,
         )  # fmt: skip
         # Drop the background class and flatten (proposal, class) pairs per image, as torchvision.

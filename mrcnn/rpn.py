@@ -7,8 +7,6 @@ fixed size, so nothing here depends on the data for its shape.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,8 +18,6 @@ from .anchors import grid_anchors
 from .config import MaskRCNNConfig
 from .matching import BELOW_LOW_THRESHOLD, box_iou, match, sample
 from .structures import Targets
-
-_BOX_CLIP = math.log(1000.0 / 16)
 
 
 def flatten_head_outputs(objectness: list[Tensor], deltas: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -88,7 +84,7 @@ class RegionProposalNetwork(nn.Module):
         T = scores.shape[1]
         sizes = image_sizes[:, None, :].expand(B, T, 2).reshape(B * T, 2)
         decoded, big_enough = kernels.decode_boxes(
-            deltas.reshape(B * T, 4), boxes.reshape(B * T, 4), (1.0, 1.0, 1.0, 1.0), _BOX_CLIP, sizes,
+            deltas.reshape(B * T, 4), boxes.reshape(B * T, 4), (1.0, 1.0, 1.0, 1.0), kernels.BBOX_XFORM_CLIP, sizes,
             min_size=c.rpn_min_size,
         )  # fmt: skip
         decoded = decoded.view(B, T, 4)
