@@ -51,7 +51,8 @@ def test_dry_run(tmp_path: Path) -> None:
     suite = ET.parse(out / "tests.xml").getroot().find("testsuite")
     assert int(suite.get("tests")) > 0 and int(suite.get("errors")) == 0 and int(suite.get("failures")) == 0
     ops = json.loads((out / "ops.json").read_text())
-    suites = {f.name for f in (ROOT / "bench").glob("test_*.py")} - {"test_model.py"}
+    # The model suite has its own stage; the export suite none (AOTInductor compiles for minutes: run it alone).
+    suites = {f.name for f in (ROOT / "bench").glob("test_*.py")} - {"test_model.py", "test_export.py"}
     assert set(ops["suites"]) == suites and all(" exit 0," in s for s in ops["suites"].values()), ops["suites"]
     assert {Path(b["fullname"].split("::")[0]).name for b in ops["benchmarks"]} == suites
     model = json.loads((out / "model.json").read_text())
