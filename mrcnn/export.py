@@ -24,6 +24,7 @@ fake tensors), so the package holds compiled C++ only. RoIAlign must then use a 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +36,6 @@ from torch import nn
 import kernels
 
 from .checkpoint import CheckpointError, load_model
-from .cli import select_device, write_json
 from .model import MaskRCNN
 
 __all__ = ["export_program", "export_package", "package_info", "main"]
@@ -133,7 +133,8 @@ def export_package(
     program = export_program(model, batch_size, image_size, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-    write_json(package_info(model, batch_size, tuple(image_size), device, classes), path.with_name("model.json"))
+    info = package_info(model, batch_size, tuple(image_size), device, classes)
+    path.with_name("model.json").write_text(json.dumps(info, indent=1))
     return path
 
 
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     divisible = model.config.size_divisible
     side = -(-model.config.max_size // divisible) * divisible
     image_size = tuple(args.image_size) if args.image_size else (side, side)
-    path = export_package(model, args.out, args.batch_size, image_size, str(select_device(args.device)),
+    path = export_package(model, args.out, args.batch_size, image_size, args.device,
                           info.get("classes"))  # fmt: skip
     print(f"wrote {path} and {path.with_name('model.json')}")
     return path

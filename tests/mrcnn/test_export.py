@@ -8,6 +8,7 @@ One package is compiled per test session (about a minute on 2 cores): a ResNet-1
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 import mrcnn
-from mrcnn.export import export_program, main
+from mrcnn.export import export_package, export_program, main
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TINY = dict(
@@ -119,3 +120,31 @@ def test_cli_names_a_foreign_checkpoint(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "mrcnn.export", "--checkpoint", str(tmp_path / "foreign.pt"),
                            "--out", str(tmp_path / "m.pt2")], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 1 and "foreign.pt" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.cuda
+def test_cuda_package_matches_eager(tmp_path: Path) -> None:
+    """On a GPU: the CUDA package (our ops as nodes that call the Triton kernels, so the loading process imports
+    ``kernels``), loaded in a fresh process, gives the eager model's detections."""
+    model = _model().cuda()
+    x, sizes = torch.rand(2, 3, *SIZE, device="cuda"), torch.tensor([list(SIZE)] * 2, device="cuda")
+    with torch.no_grad():
+        want = model(x, sizes)
+    path = export_package(model, tmp_path / "model.pt2", 2, SIZE, "cuda")
+    torch.save((x.cpu(), sizes.cpu()), tmp_path / "inputs.pt")
+    code = f"""
+import kernels, torch
+runner = torch._inductor.aoti_load_package({str(path)!r})
+x, sizes = torch.load("inputs.pt")
+torch.save([t.cpu() for t in runner(x.cuda(), sizes.cuda())], "outputs.pt")
+"""
+    paths = [str(README.parent), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    boxes, scores, labels, masks, valid = torch.load(tmp_path / "outputs.pt")
+    assert torch.equal(valid, want.valid.cpu()) and torch.equal(labels, want.labels.cpu())
+    torch.testing.assert_close(boxes, want.boxes.cpu(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(scores, want.scores.cpu(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(masks, want.masks.cpu(), rtol=0, atol=1e-3)
