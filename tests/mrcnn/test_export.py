@@ -80,6 +80,22 @@ assert not hasattr(torch.ops, "mrcnn") or not hasattr(torch.ops.mrcnn, "roi_alig
     torch.testing.assert_close(masks, want.masks, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize(("head", "backbone"), [("v2", "resnet18"), ("v1", "resnet34")])
+def test_other_heads_and_bodies_export(head: str, backbone: str) -> None:
+    """The v2 heads and another ResNet body export too; the decomposed program equals eager (run as a module)."""
+    torch.manual_seed(0)
+    model = mrcnn.MaskRCNN(mrcnn.MaskRCNNConfig(**{**TINY, "head": head, "backbone": backbone})).eval()
+    x, sizes = torch.rand(1, 3, *SIZE), torch.tensor([[120, 150]])
+    program = export_program(model, 1, SIZE)
+    assert not [n for n in program.graph.nodes if n.op == "call_function" and "mrcnn" in str(n.target)]
+    with torch.no_grad():
+        want = model(x, sizes)
+        got = program.module()(x, sizes)
+    assert torch.equal(got[4], want.valid) and torch.equal(got[2], want.labels)
+    torch.testing.assert_close(got[0], want.boxes, rtol=0, atol=1e-3)
+    torch.testing.assert_close(got[3], want.masks, rtol=0, atol=1e-3)
+
+
 def test_model_json(package: Path) -> None:
     info = json.loads(package.with_name("model.json").read_text())
     assert info["batch_size"] == 2 and info["image_size"] == list(SIZE) and info["size_divisible"] == 32
