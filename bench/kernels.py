@@ -120,7 +120,7 @@ class Kernel:
     """A launchable kernel: its ``JITFunction`` and the configs it is compiled with (the autotuner's,
     or ``None`` for a plain ``triton.jit`` kernel, which compiles with the options of its launches)."""
 
-    id: str  # "kernels.roi_align:_roi_align_fwd_kernel"
+    id: str  # "kernels._roi_align_kernels:_roi_align_fwd_kernel"
     jit: Any
     configs: list[Any] | None
 

@@ -30,6 +30,8 @@ Gradients: the decode is differentiable w.r.t. ``deltas`` and ``boxes`` (analyti
 the bounds, ends included (``torch.clamp``'s rule). ``image_sizes`` and ``scores`` get no gradient. The
 encode's gradient (w.r.t. both box sets; targets rarely need one) is its analytic formula in torch ops.
 
+Kernels: ``_box_coder_kernels``; the CPU torch path: ``_box_coder_torch``.
+
 Documented results for invalid values: a NaN delta or box gives NaN coordinates (the clamps keep NaN,
 as ``torch.clamp``) and ``valid`` False; a reference box of width 0 encodes to inf/NaN, as in torchvision.
 """
@@ -51,6 +53,7 @@ from ._backend import (
     register_autocast,
 )
 from ._box_coder_kernels import decode_backward_triton, decode_triton, encode_triton
+from ._box_coder_torch import decode_backward_torch, decode_torch, encode_torch
 
 __all__ = ["BoxCoder", "decode_boxes", "encode_boxes"]
 
@@ -115,96 +118,6 @@ def _validate_encode(reference_boxes: Tensor, proposals: Tensor, weights: list[f
 
 
 # ----------------------------------------------------------------------------------------------
-# The torch path (CPU): the same math, vectorized
-# ----------------------------------------------------------------------------------------------
-
-
-def _decode_axis_torch(d_ctr, d_size, lo, hi, w_ctr, w_size, clip):
-    size = hi - lo
-    ctr = lo + 0.5 * size
-    dc = d_ctr / w_ctr
-    ds = d_size / w_size
-    e = torch.exp(torch.where(ds > clip, torch.full_like(ds, clip), ds))
-    pred_ctr = dc * size + ctr
-    half = 0.5 * (e * size)
-    return pred_ctr - half, pred_ctr + half, size, dc, e, ds <= clip
-
-
-def _decode_parts_torch(deltas, boxes, weights, clip):
-    """Per-axis decode of ``deltas [R, K*4]`` in the accumulation dtype, as ``[R, K]`` tensors."""
-    R = deltas.shape[0]
-    acc = acc_dtype(deltas.dtype)
-    d = deltas.to(acc).reshape(R, deltas.shape[1] // 4, 4)
-    b = boxes.to(deltas.dtype).to(acc)[:, None, :]
-    wx, wy, ww, wh = weights
-    xs = _decode_axis_torch(d[..., 0], d[..., 2], b[..., 0], b[..., 2], wx, ww, clip)
-    ys = _decode_axis_torch(d[..., 1], d[..., 3], b[..., 1], b[..., 3], wy, wh, clip)
-    return xs, ys
-
-
-def _clamp_torch(x: Tensor, hi: Tensor) -> Tensor:
-    return torch.minimum(torch.clamp(x, min=0.0), hi)
-
-
-# The torch path builds new tensors with out-of-place ops instead of filling the launchers' buffers: decomposing
-# an op for torch.export (a CPU package of aten ops) needs an entirely functional graph.
-
-
-def _decode_torch(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh) -> tuple[Tensor, Tensor]:
-    (x1, x2, *_), (y1, y2, *_) = _decode_parts_torch(deltas, boxes, weights, clip)
-    if image_sizes is not None:
-        size = image_sizes.to(x1.dtype)
-        img_h, img_w = size[:, 0:1], size[:, 1:2]
-        # torch.minimum propagates NaN, like torch.clamp.
-        x1, x2 = _clamp_torch(x1, img_w), _clamp_torch(x2, img_w)
-        y1, y2 = _clamp_torch(y1, img_h), _clamp_torch(y2, img_h)
-    out = torch.stack((x1, y1, x2, y2), dim=2).to(deltas.dtype)
-    if min_size is None and scores is None:
-        return out, deltas.new_empty((0,), dtype=torch.bool)
-    valid = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
-    if min_size is not None:
-        # In the output dtype, comparing with a Python number: exactly remove_small_boxes.
-        valid = valid & (out[..., 2] - out[..., 0] >= min_size) & (out[..., 3] - out[..., 1] >= min_size)
-    if scores is not None:
-        valid = valid & (scores > score_thresh)
-    return out, valid
-
-
-def _decode_backward_torch(grad, deltas, boxes, weights, clip, image_sizes) -> tuple[Tensor, Tensor]:
-    (x1, x2, w, dx, ex, ux), (y1, y2, h, dy, ey, uy) = _decode_parts_torch(deltas, boxes, weights, clip)
-    g = grad.to(x1.dtype)
-    g1, h1, g2, h2 = g.unbind(2)
-    if image_sizes is not None:
-        size = image_sizes.to(x1.dtype)
-        img_h, img_w = size[:, 0:1], size[:, 1:2]
-        g1 = torch.where((x1 >= 0) & (x1 <= img_w), g1, 0.0)
-        g2 = torch.where((x2 >= 0) & (x2 <= img_w), g2, 0.0)
-        h1 = torch.where((y1 >= 0) & (y1 <= img_h), h1, 0.0)
-        h2 = torch.where((y2 >= 0) & (y2 <= img_h), h2, 0.0)
-    wx, wy, ww, wh = weights
-    gdw = torch.where(ux, (g2 - g1) * (0.5 * (ex * w)) / ww, 0.0)
-    gdh = torch.where(uy, (h2 - h1) * (0.5 * (ey * h)) / wh, 0.0)
-    gd = torch.stack(((g1 + g2) * w / wx, (h1 + h2) * h / wy, gdw, gdh), dim=2)
-    gw = g1 * (dx + 0.5 - 0.5 * ex) + g2 * (dx + 0.5 + 0.5 * ex)
-    gh = h1 * (dy + 0.5 - 0.5 * ey) + h2 * (dy + 0.5 + 0.5 * ey)
-    grad_boxes = torch.stack(((g1 + g2 - gw).sum(1), (h1 + h2 - gh).sum(1), gw.sum(1), gh.sum(1)), dim=1)
-    return gd.reshape(deltas.shape).to(deltas.dtype), grad_boxes.to(boxes.dtype)
-
-
-def _encode_torch(reference_boxes, proposals, weights) -> Tensor:
-    dtype = torch.promote_types(reference_boxes.dtype, proposals.dtype)
-    acc = acc_dtype(dtype)
-    g = reference_boxes.to(dtype).to(acc)
-    p = proposals.to(dtype).to(acc)
-    pw, ph = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
-    gw, gh = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
-    wx, wy, ww, wh = weights
-    tx = wx * ((g[:, 0] + 0.5 * gw) - (p[:, 0] + 0.5 * pw)) / pw
-    ty = wy * ((g[:, 1] + 0.5 * gh) - (p[:, 1] + 0.5 * ph)) / ph
-    return torch.stack((tx, ty, ww * torch.log(gw / pw), wh * torch.log(gh / ph)), dim=1).to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------------------------
 
@@ -232,7 +145,7 @@ def _decode_boxes_op(
     _validate_decode(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh)
     args = (deltas, boxes, _check_weights(weights), clip, image_sizes, min_size, scores, score_thresh)
     if backend_for(deltas) != "triton":
-        return _decode_torch(*args)
+        return decode_torch(*args)
     out, valid = _decode_outputs(deltas, min_size, scores)
     decode_triton(*args, out, valid)
     return out, valid
@@ -256,7 +169,7 @@ def _decode_boxes_backward_op(
     """Gradients of ``decode_boxes`` w.r.t. ``(deltas [R, K*4], boxes [R, 4])``."""
     args = (grad, deltas, boxes, _check_weights(weights), clip, image_sizes)
     if backend_for(deltas) != "triton":
-        return _decode_backward_torch(*args)
+        return decode_backward_torch(*args)
     grad_deltas = torch.empty_like(deltas, memory_format=torch.contiguous_format)
     grad_boxes = torch.empty_like(boxes, memory_format=torch.contiguous_format)
     decode_backward_triton(*args, grad_deltas, grad_boxes)
@@ -271,20 +184,20 @@ def _(grad, deltas, boxes, weights, clip, image_sizes):
     )
 
 
-def _decode_setup(ctx, inputs, output):
+def _decode_setup_context(ctx, inputs, output):
     deltas, boxes, weights, clip, image_sizes, *_ = inputs
     ctx.save_for_backward(deltas, boxes, image_sizes)
     ctx.args = (weights, clip)
 
 
-def _decode_grad(ctx, grad, _grad_valid):
+def _decode_backward(ctx, grad, _grad_valid):
     deltas, boxes, image_sizes = ctx.saved_tensors
     weights, clip = ctx.args
     grad_deltas, grad_boxes = torch.ops.mrcnn.decode_boxes_backward(grad, deltas, boxes, weights, clip, image_sizes)
     return grad_deltas, grad_boxes, None, None, None, None, None, None
 
 
-_decode_boxes_op.register_autograd(_decode_grad, setup_context=_decode_setup)
+_decode_boxes_op.register_autograd(_decode_backward, setup_context=_decode_setup_context)
 
 
 def _encode_output(reference_boxes: Tensor, proposals: Tensor) -> Tensor:
@@ -297,7 +210,7 @@ def _encode_boxes_op(reference_boxes: Tensor, proposals: Tensor, weights: list[f
     """Regression targets ``[N, 4]`` of ``reference_boxes`` w.r.t. ``proposals``; see ``encode_boxes``."""
     _validate_encode(reference_boxes, proposals, weights)
     if backend_for(reference_boxes) != "triton":
-        return _encode_torch(reference_boxes, proposals, _check_weights(weights))
+        return encode_torch(reference_boxes, proposals, _check_weights(weights))
     out = _encode_output(reference_boxes, proposals)
     encode_triton(reference_boxes, proposals, _check_weights(weights), out)
     return out
@@ -309,13 +222,13 @@ def _(reference_boxes, proposals, weights):
     return _encode_output(reference_boxes, proposals)
 
 
-def _encode_setup(ctx, inputs, output):
+def _encode_setup_context(ctx, inputs, output):
     reference_boxes, proposals, weights = inputs
     ctx.save_for_backward(reference_boxes, proposals)
     ctx.weights = weights
 
 
-def _encode_grad(ctx, grad):
+def _encode_backward(ctx, grad):
     """The analytic gradient in plain torch ops (traceable by ``torch.compile``; targets rarely need it).
 
     With ``t_x = wx (c_g - c_p) / w_p`` and ``t_w = ww log(w_g / w_p)``: ``dt_x/dg1 = dt_x/dg2 = wx / (2 w_p)``,
@@ -344,7 +257,7 @@ def _encode_grad(ctx, grad):
     return grad_ref, grad_prop, None
 
 
-_encode_boxes_op.register_autograd(_encode_grad, setup_context=_encode_setup)
+_encode_boxes_op.register_autograd(_encode_backward, setup_context=_encode_setup_context)
 # Half inputs keep their dtype under autocast: the math runs in float32 and rounds once to the output dtype, more
 # accurate than torchvision's decode in half (see Precision above), without a float32 copy.
 for _name in ("decode_boxes", "decode_boxes_backward", "encode_boxes"):

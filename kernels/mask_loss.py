@@ -7,6 +7,8 @@ Two entry points:
 * ``mask_loss(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, ...)``: the static-shape
   op the model uses (padded masks, a fixed number of RoI slots with weights).
 
+Kernels and their layout: ``_mask_loss_kernels``; the CPU torch path: ``_mask_loss_torch``.
+
 Definition (``mask_loss``). With ``logits [R, K, M, M]``, RoI ``r`` is *active* when
 ``0 <= image_idx[r] < B``, ``0 <= matched_idx[r] < G``, ``0 <= labels[r] < K`` and ``weights[r] != 0``;
 let ``a_r = 1`` if active else 0. Its target ``t_r [M, M]`` is RoIAlign (avg mode, torchvision's
@@ -50,7 +52,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _mask_loss_kernels as _k
 from ._backend import (
     FLOAT_DTYPES,
     OpValueError,
@@ -60,14 +61,14 @@ from ._backend import (
     check_tensor,
     register_autocast,
 )
+from ._mask_loss_kernels import backward_triton, forward_triton
+from ._mask_loss_torch import backward_torch, forward_torch
 
 __all__ = ["mask_loss", "maskrcnn_loss"]
 
 EPS = 1e-12
 INDEX_DTYPES = (torch.int32, torch.int64)
 MASK_DTYPES = (torch.uint8, torch.bool, *FLOAT_DTYPES)
-# The torch path gathers mask crops in chunks of at most this many elements (64 MB in float32).
-_CROP_CHUNK = 1 << 24
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ _CROP_CHUNK = 1 << 24
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_inputs(
+def _validate(
     logits: Tensor,
     boxes: Tensor,
     gt_masks: Tensor,
@@ -108,152 +109,6 @@ def _check_inputs(
 
 
 # ----------------------------------------------------------------------------------------------
-# Torch implementation (CPU default): the same math, vectorised
-# ----------------------------------------------------------------------------------------------
-
-
-def _axis_weights(
-    lo: Tensor, hi: Tensor, size: Tensor, ok: Tensor, M: int, aligned: bool, sampling_ratio: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Bilinear sampling along one axis as a matrix on a crop of the mask.
-
-    The RoIAlign average of a bin is separable: ``t[i, j] = sum_(p,q) Wy[i, p] mask[p, q] Wx[j, q] /
-    count``, where ``Wy[i, p]`` sums the y-weights of bin row ``i``'s samples on mask row ``p``. Returns
-    ``(weights [R, M, C], origin [R], grid [R])``: weights on mask rows ``origin .. origin + C - 1`` (C is
-    the longest crop of the batch), and the samples per bin side.
-    """
-    R, dt = lo.shape[0], lo.dtype
-    offset = 0.5 if aligned else 0.0
-    start = lo - offset
-    length = (hi - offset) - start  # torchvision's operation order
-    if not aligned:
-        length = length.clamp_min(1.0)
-    bin_size = length / M
-    if sampling_ratio > 0:
-        grid = torch.full_like(lo, sampling_ratio, dtype=torch.int64)
-    else:
-        grid = torch.ceil(bin_size).clamp(0, _k.MAX_ADAPTIVE_SAMPLES.value).to(torch.int64)
-    grid = torch.where(ok, grid, 0)
-    n = max(int(grid.max()), 1)
-    s = torch.arange(n, dtype=dt, device=lo.device)
-    pos = (
-        start[:, None, None]
-        + torch.arange(M, dtype=dt, device=lo.device)[None, :, None] * bin_size[:, None, None]
-        + (s + 0.5)[None, None, :] * bin_size[:, None, None] / grid.clamp_min(1)[:, None, None]
-    )
-    size = size[:, None, None]
-    inside = (s[None, None, :] < grid[:, None, None]) & (pos >= -1) & (pos <= size) & (size > 0)
-    c = torch.where(inside, pos.clamp_min(0.0), 0.0)
-    low = c.to(torch.int64)
-    edge = low >= size - 1
-    low = torch.where(edge, size - 1, low)
-    high = torch.where(edge, size - 1, low + 1)
-    frac = torch.where(edge, low.to(dt), c) - low
-    big = torch.iinfo(torch.int64).max
-    origin = torch.where(inside, low, big).amin(dim=(1, 2))
-    origin = torch.where(origin == big, 0, origin)
-    last = torch.where(inside, high, -1).amax(dim=(1, 2))
-    C = int((last - origin).max().clamp_min(0)) + 1
-    weights = torch.zeros((R, M, C), dtype=dt, device=lo.device)
-    weights.scatter_add_(2, (low - origin[:, None, None]).clamp(0, C - 1), torch.where(inside, 1.0 - frac, 0.0))
-    weights.scatter_add_(2, (high - origin[:, None, None]).clamp(0, C - 1), torch.where(inside, frac, 0.0))
-    return weights, origin, grid
-
-
-def _targets_torch(
-    boxes: Tensor,
-    gt_masks: Tensor,
-    mask_sizes: Tensor | None,
-    b: Tensor,
-    g: Tensor,
-    active: Tensor,
-    M: int,
-    aligned: bool,
-    sampling_ratio: int,
-) -> Tensor:
-    """Soft targets ``[R, M, M]`` of the RoIs (zeros for inactive ones), ``boxes`` in the acc dtype."""
-    R, dt = boxes.shape[0], boxes.dtype
-    B, G, H, W = gt_masks.shape
-    if gt_masks.numel() == 0:
-        return boxes.new_zeros((R, M, M))
-    ok = active & torch.isfinite(boxes).all(dim=1)
-    boxes = torch.where(ok[:, None], boxes, 0.0)
-    if mask_sizes is None:
-        h = torch.full_like(b, H)
-        w = torch.full_like(b, W)
-    else:
-        sizes = mask_sizes[b].to(torch.int64)
-        h, w = sizes[:, 0].clamp(0, H), sizes[:, 1].clamp(0, W)
-    wy, y0, gy = _axis_weights(boxes[:, 1], boxes[:, 3], h, ok, M, aligned, sampling_ratio)
-    wx, x0, gx = _axis_weights(boxes[:, 0], boxes[:, 2], w, ok, M, aligned, sampling_ratio)
-    # Crops are gathered with one flat (row-major, logical) index: ~2x faster than four broadcast indices.
-    rows = (y0[:, None] + torch.arange(wy.shape[2], device=b.device)).clamp(0, H - 1)
-    cols = (x0[:, None] + torch.arange(wx.shape[2], device=b.device)).clamp(0, W - 1)
-    row_index = ((b * G + g)[:, None] * H + rows) * W
-    out = boxes.new_empty((R, M, M))
-    chunk = max(1, _CROP_CHUNK // (wy.shape[2] * wx.shape[2]))
-    for i in range(0, R, chunk):
-        sl = slice(i, i + chunk)
-        crop = torch.take(gt_masks, row_index[sl, :, None] + cols[sl, None, :]).to(dt)
-        out[sl] = torch.bmm(torch.bmm(wy[sl], crop), wx[sl].transpose(1, 2))
-    return out / (gy * gx).clamp_min(1)[:, None, None]
-
-
-def _forward_torch(
-    logits: Tensor,
-    boxes: Tensor,
-    gt_masks: Tensor,
-    mask_sizes: Tensor | None,
-    image_idx: Tensor,
-    matched_idx: Tensor,
-    labels: Tensor,
-    weights: Tensor,
-    binarize: bool,
-    aligned: bool,
-    sampling_ratio: int,
-    acc: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(loss_rows [R, M], weight_rows [R], dlogits [R, M, M])`` as the forward kernel writes them."""
-    R, K, M = logits.shape[0], logits.shape[1], logits.shape[-1]
-    B, G = gt_masks.shape[:2]
-    w = weights.to(acc)
-    active = (image_idx >= 0) & (image_idx < B) & (matched_idx >= 0) & (matched_idx < G)
-    active &= (labels >= 0) & (labels < K) & (w != 0)
-    if R == 0 or K == 0:  # K == 0: no label is valid, nothing is active
-        return logits.new_zeros((R, M), dtype=acc), w.new_zeros((R,)), logits.new_zeros((R, M, M), dtype=acc)
-    b = torch.where(active, image_idx, 0).to(torch.int64)
-    g = torch.where(active, matched_idx, 0).to(torch.int64)
-    label = torch.where(active, labels, 0).to(torch.int64)
-    t = _targets_torch(boxes.to(acc), gt_masks, mask_sizes, b, g, active, M, aligned, sampling_ratio)
-    if binarize:
-        t = (t >= 0.5).to(acc)
-    live = active[:, None, None]
-    x = torch.where(live, logits[torch.arange(R, device=logits.device), label].to(acc), 0.0)
-    e = torch.exp(-x.abs())
-    bce = x.clamp_min(0.0) - x * t + torch.log1p(e)
-    sigmoid = torch.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    scale = torch.where(active, w, 0.0) / (M * M)
-    loss_rows = torch.where(live, bce, 0.0).sum(dim=2) * scale[:, None]
-    dlogits = torch.where(live, (sigmoid - t) * scale[:, None, None], 0.0)
-    return loss_rows, torch.where(active, w, 0.0), dlogits
-
-
-def _backward_torch(
-    grad_loss: Tensor, dlogits: Tensor, weight_sum: Tensor, labels: Tensor, num_classes: int, dtype: torch.dtype
-) -> Tensor:
-    R, M = dlogits.shape[0], dlogits.shape[-1]
-    grad = dlogits.new_zeros((R, num_classes, M, M), dtype=dtype)
-    if grad.numel() == 0:
-        return grad
-    scale = grad_loss.to(dlogits.dtype) / weight_sum.clamp_min(EPS)
-    hit = (labels >= 0) & (labels < num_classes)
-    # A label out of range matches no channel: write its (zero) row to channel 0, which is zero anyway.
-    vals = torch.where(hit[:, None, None], dlogits * scale, 0.0)
-    grad[torch.arange(R, device=grad.device), torch.where(hit, labels, 0)] = vals.to(dtype)
-    return grad
-
-
-# ----------------------------------------------------------------------------------------------
 # Registered ops
 # ----------------------------------------------------------------------------------------------
 
@@ -277,10 +132,10 @@ def _mask_loss_op(
     ``dlogits[r] = a_r w_r / M^2 (sigmoid(x_r) - t_r)``: the gradient of the label channel is
     ``dlogits * grad_loss / max(weight_sum, eps)``.
     """
-    _check_inputs(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes)
+    _validate(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes)
     check_sampling_ratio(sampling_ratio)
     acc = acc_dtype(logits.dtype)
-    impl = _k.forward_triton if backend_for(logits) == "triton" else _forward_torch
+    impl = forward_triton if backend_for(logits) == "triton" else forward_torch
     loss_rows, weight_rows, dlogits = impl(
         logits, boxes, gt_masks, mask_sizes, image_idx, matched_idx, labels, weights,
         binarize, aligned, sampling_ratio, acc,
@@ -292,7 +147,7 @@ def _mask_loss_op(
 
 @_mask_loss_op.register_fake
 def _(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes, binarize, aligned, sampling_ratio):
-    _check_inputs(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes)
+    _validate(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes)
     check_sampling_ratio(sampling_ratio)
     acc = acc_dtype(logits.dtype)
     R, M = logits.shape[0], logits.shape[-1]
@@ -304,14 +159,8 @@ def _mask_loss_backward_op(
     grad_loss: Tensor, dlogits: Tensor, weight_sum: Tensor, labels: Tensor, num_classes: int, dtype: torch.dtype
 ) -> Tensor:
     """Gradient ``[R, num_classes, M, M]`` of ``mask_loss`` w.r.t. the logits, in ``dtype``."""
-    impl = _backward_triton if backend_for(dlogits) == "triton" else _backward_torch
-    return impl(grad_loss, dlogits, weight_sum, labels, num_classes, dtype)
-
-
-def _backward_triton(
-    grad_loss: Tensor, dlogits: Tensor, weight_sum: Tensor, labels: Tensor, num_classes: int, dtype: torch.dtype
-) -> Tensor:
-    return _k.backward_triton(grad_loss, dlogits, weight_sum, labels, num_classes, dtype, EPS)
+    impl = backward_triton if backend_for(dlogits) == "triton" else backward_torch
+    return impl(grad_loss, dlogits, weight_sum, labels, num_classes, dtype, EPS)
 
 
 @_mask_loss_backward_op.register_fake

@@ -14,7 +14,9 @@ backends — compiled Triton on CUDA, the torch path on CPU and Triton's interpr
 and ``triton_op`` would let inductor trace into the kernels, which only works for compiled CUDA
 kernels; our kernels are already fused, so inductor has nothing to gain from seeing inside them.
 ``custom_op`` gives opaque nodes with fake (meta) implementations, so ``torch.compile(fullgraph=True)``
-sees no graph break around them.
+sees no graph break around them. A CPU export (an AOTInductor package of aten ops) decomposes each
+op through ``kernels.cpu_decompositions()`` (``kernels/_backend.py``), which traces its torch path on
+fake tensors, rather than through ``triton_op``.
 
 Results for inputs torchvision leaves undefined (documented and tested):
 * a RoI whose batch index is not in ``[0, N)``, whose coordinates are not finite, whose ``valid`` flag
@@ -123,7 +125,7 @@ def _channels_last(t: Tensor) -> bool:
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _forward(features, rois, valid, scales, pooled, sampling_ratio, aligned, pool_mode, canonical):
+def _dispatch_forward(features, rois, valid, scales, pooled, sampling_ratio, aligned, pool_mode, canonical):
     _validate(features, rois, valid, scales, pooled, pool_mode, sampling_ratio, canonical)
     impl = forward_triton if backend_for(features[0]) == "triton" else forward_torch
     return impl(features, rois, valid, scales, pooled, sampling_ratio, aligned, pool_mode == "max", canonical)
@@ -136,8 +138,8 @@ def _fake_forward(features, rois, pooled, pool_mode):
     return out, argmax
 
 
-def _backward(grad, rois, valid, argmax, level_shapes, batch_size, channels_last, scales, pooled, sampling_ratio,
-              aligned, pool_mode, canonical):  # fmt: skip
+def _dispatch_backward(grad, rois, valid, argmax, level_shapes, batch_size, channels_last, scales, pooled,
+                       sampling_ratio, aligned, pool_mode, canonical):  # fmt: skip
     args = (grad, rois, valid, argmax, level_shapes, batch_size, channels_last, scales, pooled, sampling_ratio,
             aligned, pool_mode == "max", canonical)  # fmt: skip
     if backend_for(grad) == "triton":
@@ -163,7 +165,8 @@ def _roi_align_op(
 ) -> tuple[Tensor, Tensor]:
     """``(output [K, C, PH, PW], argmax [K, C, PH, PW] int32 in max mode, else [0])``."""
     pooled = (pooled_height, pooled_width)
-    return _forward([input], rois, None, [spatial_scale], pooled, sampling_ratio, aligned, pool_mode, CANONICAL)
+    return _dispatch_forward([input], rois, None, [spatial_scale], pooled, sampling_ratio, aligned, pool_mode,
+                             CANONICAL)  # fmt: skip
 
 
 @_roi_align_op.register_fake
@@ -190,8 +193,9 @@ def _roi_align_backward_op(
     channels_last: bool,
 ) -> Tensor:
     """Gradient of ``roi_align`` w.r.t. its input: ``[batch_size, C, height, width]``."""
-    return _backward(grad, rois, None, argmax, [(height, width)], batch_size, channels_last, [spatial_scale],
-                     (pooled_height, pooled_width), sampling_ratio, aligned, pool_mode, CANONICAL)[0]  # fmt: skip
+    return _dispatch_backward(grad, rois, None, argmax, [(height, width)], batch_size, channels_last,
+                              [spatial_scale], (pooled_height, pooled_width), sampling_ratio, aligned, pool_mode,
+                              CANONICAL)[0]  # fmt: skip
 
 
 @_roi_align_backward_op.register_fake
@@ -201,20 +205,20 @@ def _(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, sampling_r
     return grad.new_empty((batch_size, grad.shape[1], height, width)).contiguous(memory_format=fmt)
 
 
-def _roi_align_setup(ctx, inputs, output):
+def _roi_align_setup_context(ctx, inputs, output):
     input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode = inputs
     ctx.save_for_backward(rois, output[1])
     ctx.args = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode)
     ctx.shape = (input.shape[0], input.shape[2], input.shape[3], _channels_last(input))
 
 
-def _roi_align_grad(ctx, grad, _grad_argmax):
+def _roi_align_backward(ctx, grad, _grad_argmax):
     rois, argmax = ctx.saved_tensors
     grad_input = torch.ops.mrcnn.roi_align_backward(grad, rois, argmax, *ctx.args, *ctx.shape)
     return grad_input, None, None, None, None, None, None, None
 
 
-_roi_align_op.register_autograd(_roi_align_grad, setup_context=_roi_align_setup)
+_roi_align_op.register_autograd(_roi_align_backward, setup_context=_roi_align_setup_context)
 # Under autocast the features keep their dtype (torchvision casts them to float32 and the result back): our
 # half kernels accumulate in float32 and round once, as that round trip does, without a float32 copy of the maps.
 register_autocast("roi_align", upcast=False)
@@ -241,8 +245,8 @@ def _multiscale_op(
     canonical_level: float,
 ) -> tuple[Tensor, Tensor]:
     """``(output [K, C, PH, PW], argmax)``, each RoI pooled from its level (see ``multiscale_roi_align``)."""
-    return _forward(features, rois, valid, scales, (pooled_height, pooled_width), sampling_ratio, aligned,
-                    pool_mode, (canonical_scale, canonical_level))  # fmt: skip
+    return _dispatch_forward(features, rois, valid, scales, (pooled_height, pooled_width), sampling_ratio, aligned,
+                             pool_mode, (canonical_scale, canonical_level))  # fmt: skip
 
 
 @_multiscale_op.register_fake
@@ -273,9 +277,9 @@ def _multiscale_backward_op(
 ) -> list[Tensor]:
     """Gradients w.r.t. every level ``[batch_size, C, H_l, W_l]``; ``level_sizes`` is ``[H_0, W_0, H_1, ...]``."""
     shapes = list(zip(level_sizes[0::2], level_sizes[1::2], strict=True))
-    return _backward(grad, rois, valid, argmax, shapes, batch_size, channels_last, scales,
-                     (pooled_height, pooled_width), sampling_ratio, aligned, pool_mode,
-                     (canonical_scale, canonical_level))  # fmt: skip
+    return _dispatch_backward(grad, rois, valid, argmax, shapes, batch_size, channels_last, scales,
+                              (pooled_height, pooled_width), sampling_ratio, aligned, pool_mode,
+                              (canonical_scale, canonical_level))  # fmt: skip
 
 
 @_multiscale_backward_op.register_fake
@@ -289,7 +293,7 @@ def _(grad, rois, valid, argmax, scales, pooled_height, pooled_width, sampling_r
     ]
 
 
-def _multiscale_setup(ctx, inputs, output):
+def _multiscale_setup_context(ctx, inputs, output):
     features, rois, valid, *args = inputs
     ctx.save_for_backward(rois, valid, output[1])
     ctx.args = args
@@ -301,13 +305,13 @@ def _multiscale_setup(ctx, inputs, output):
     )
 
 
-def _multiscale_grad(ctx, grad, _grad_argmax):
+def _multiscale_backward(ctx, grad, _grad_argmax):
     rois, valid, argmax = ctx.saved_tensors
     grads = torch.ops.mrcnn.multiscale_roi_align_backward(grad, rois, valid, argmax, *ctx.args, *ctx.shape)
     return (grads, *[None] * (ctx.num_inputs - 1))
 
 
-_multiscale_op.register_autograd(_multiscale_grad, setup_context=_multiscale_setup)
+_multiscale_op.register_autograd(_multiscale_backward, setup_context=_multiscale_setup_context)
 register_autocast("multiscale_roi_align", upcast=False)
 register_autocast("multiscale_roi_align_backward", upcast=False)
 
