@@ -64,7 +64,8 @@ def cpu_decompositions() -> dict:
     ``torch.export`` keeps each of our ops as one opaque node, which an AOTInductor package could only call
     back through this project. Decomposed with its own implementation, an op is traced on fake CPU tensors,
     which take the torch path (``backend_for``): the graph then holds aten ops only. RoIAlign's adaptive
-    sampling and max mode have data-dependent sample grids and raise a ``ValueError`` when traced.
+    sampling has a data-dependent sample grid and raises a ``ValueError`` when traced (a fixed
+    ``sampling_ratio`` traces).
     """
     from torch._library.custom_ops import _maybe_get_opdef
 
