@@ -307,7 +307,13 @@ def sources() -> list[Path]:
     """The files whose launches are recorded: the op tests ``tests/kernels/test_<op>.py`` (every dtype
     and flag) and the benchmark suites ``bench/test_<op>.py`` (at COCO shapes, see ``run``)."""
     files = [f for d in SOURCE_DIRS for f in sorted((ROOT / d).glob("test_*.py"))]
-    return [f for f in files if f.name != "test_aot.py"]
+    return [f for f in files if f.name not in NOT_RECORDED]
+
+
+# test_aot.py tests this module. bench/test_export.py launches what the model suite's inference launches; and,
+# since nothing executes while recording, the uninitialised memory it leaves made the model suite's first garbage
+# index fail earlier when it ran first (roi_align's recorded COCO launches fell from 6 to 4).
+NOT_RECORDED = ("test_aot.py", "test_export.py")
 
 
 def is_suite(path: Path) -> bool:
