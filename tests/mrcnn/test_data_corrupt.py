@@ -484,8 +484,10 @@ def test_corrupted_file(name, outcomes):
         expect(outcome["ok"])
 
 
+# Values below 2**24: pycocotools' rleToString allocates 6 chars per count, and a count (or difference) of
+# 2**24 or more takes 6 chars plus the terminating NUL, a heap overflow that aborted a test run.
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 2**28), min_size=1, max_size=12))
+@given(st.lists(st.integers(0, 2**24 - 1), min_size=1, max_size=12))
 def test_rle_string_parsed_as_pycocotools_writes_it(counts):
     """pycocotools' own compressed strings (large values, differences to the value two before of either
     sign) parse back to their runs; the corrupted cases above cover the strings it would misread."""
