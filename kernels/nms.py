@@ -131,12 +131,13 @@ def _nms_sorted(boxes, order, idxs, valid, iou_threshold, max_out):
         keep = torch.zeros((B, max_out), dtype=torch.int64, device=boxes.device)
         return keep, keep.bool(), torch.zeros((B,), dtype=torch.int64, device=boxes.device)
     threshold = _effective_threshold(iou_threshold, boxes.dtype, boxes.device)
-    if backend_for(boxes) == "torch" and is_fake(boxes):
+    backend = backend_for(boxes)
+    if backend == "torch" and is_fake(boxes):
         return forward_traced(boxes, order, idxs, valid, threshold, max_out)
     keep = torch.empty((B, max_out), dtype=torch.int64, device=boxes.device)
     keep_valid = torch.empty((B, max_out), dtype=torch.bool, device=boxes.device)
     count = torch.empty((B,), dtype=torch.int64, device=boxes.device)
-    impl = forward_triton if backend_for(boxes) == "triton" else forward_torch
+    impl = forward_triton if backend == "triton" else forward_torch
     impl(boxes, order, idxs, valid, threshold, max_out, keep, keep_valid, count)
     return keep, keep_valid, count
 

@@ -21,9 +21,9 @@ from tests.tolerances import tol
 # kernels.roi_align is also the public function: the module is imported by name.
 roi_align_module = importlib.import_module("kernels.roi_align")
 roi_align_torch = importlib.import_module("kernels._roi_align_torch")
+# What mrcnn.export uses, plus the backward op (not in a package: only the eval graph is exported).
 DECOMPOSITIONS = {
-    torch.ops.mrcnn.roi_align.default: roi_align_module._roi_align_op._init_fn,
-    torch.ops.mrcnn.multiscale_roi_align.default: roi_align_module._multiscale_op._init_fn,
+    **kernels.cpu_decompositions(),
     torch.ops.mrcnn.multiscale_roi_align_backward.default: roi_align_module._multiscale_backward_op._init_fn,
 }
 SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]

@@ -126,6 +126,13 @@ def test_bad_use_is_refused(kwargs: dict, match: str, monkeypatch: pytest.Monkey
         export_program(_model(), **{"image_size": SIZE, **kwargs})
 
 
+def test_adaptive_sampling_is_refused_on_cpu() -> None:
+    """The op's own error when traced: the adaptive grid's size is the data's (a CUDA export keeps the op)."""
+    model = mrcnn.MaskRCNN(mrcnn.MaskRCNNConfig(**{**TINY, "pooler_sampling_ratio": 0})).eval()
+    with pytest.raises(ValueError, match="fixed sampling_ratio > 0"):
+        export_program(model, image_size=SIZE)
+
+
 def test_training_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="eval mode"):
         export_program(_model().train(), image_size=SIZE)
