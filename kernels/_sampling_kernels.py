@@ -9,13 +9,15 @@ clamped to ``[0, MAX_ADAPTIVE_SAMPLES]`` (likewise ``gw``). Sample ``(iy, ix)`` 
     y = y0 + i*bh + (iy + 0.5)*bh/gh,    x = x0 + j*bw + (ix + 0.5)*bw/gw
 
 in that operation order (the bits of torchvision's result depend on it). Along an axis of ``size`` pixels a
-coordinate outside ``[-1, size]`` is outside the map, and a sample outside either axis counts as 0. Inside,
-it is clamped at 0; ``low = int(c)``, ``high = low + 1``, except at the last pixel, where both are
-``size - 1`` and ``c = low``; the weights are ``1 - (c - low)`` for ``low`` and ``c - low`` for ``high``.
-The 2D weights are the products ``hy*hx, hy*lx, ly*hx, ly*lx`` of the two axes' (high-weight ``h = 1 - l``).
+coordinate outside ``[-1, size]`` (or any coordinate, when ``size`` is 0) is outside the map, and a sample
+outside either axis counts as 0. Inside, it is clamped at 0 to ``c``; ``low = int(c)``, ``high = low + 1``,
+except at the last pixel, where both are ``size - 1`` and ``c = low``. With torchvision's names
+``ly = c_y - y_low``, ``hy = 1 - ly`` (likewise x), the sample is
+``hy*hx*v[y_low, x_low] + hy*lx*v[y_low, x_high] + ly*hx*v[y_high, x_low] + ly*lx*v[y_high, x_high]``.
 
-The cap keeps an absurd finite box (1e9 pixels) from looping for hours; only a box over 1024 bins of pixels
-per side reaches it (``kernels._backend.MAX_SAMPLES_PER_SIDE``).
+The cap keeps an absurd finite box (1e9 pixels) from looping for hours; only a bin over 1024 pixels per side
+reaches it (the value is ``kernels._backend.MAX_SAMPLES_PER_SIDE``, which also bounds a fixed ratio). A RoI
+with a non-finite coordinate (``is_finite``) samples nothing.
 """
 
 from __future__ import annotations
