@@ -2,9 +2,9 @@
 
 Forward, one program per (RoI ``r``, block of ``BLOCK_H`` target rows): read RoI ``r``'s indices,
 weight and box; sample its target rows straight from the ``uint8`` GT mask ``gt_masks[b, g]`` with
-RoIAlign's bilinear math (torchvision's avg mode at ``spatial_scale = 1``, so no float copy of the
-masks and no ``[R, M, M]`` target tensor ever exists); read only channel ``labels[r]`` of the logits;
-then write
+RoIAlign's bilinear sampling rule (``_sampling_kernels``; torchvision's avg mode at ``spatial_scale = 1``),
+so no float copy of the masks and no ``[R, M, M]`` target tensor ever exists; read only channel
+``labels[r]`` of the logits; then write
 
 * ``loss_rows[r, i] = w_r / M^2 * sum_j bce(x_ij, t_ij)``           (partial sums, ``[R, M]``)
 * ``dlogits[r, i, j] = w_r / M^2 * (sigmoid(x_ij) - t_ij)``           (``[R, M, M]``)
@@ -32,12 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import MAX_SAMPLES_PER_SIDE, autotune_configs, tl_acc_dtype
+from ._backend import autotune_configs, tl_acc_dtype
+from ._sampling_kernels import axis, is_finite, sample_coord, samples_per_bin
 from ._triton_utils import loop_bound, offset64
-
-# Adaptive sampling takes ceil(bin size) samples per bin side; like kernels.roi_align, the count is
-# capped so that an absurd finite box (1e9 pixels) cannot loop for hours.
-MAX_ADAPTIVE_SAMPLES = tl.constexpr(MAX_SAMPLES_PER_SIDE)  # see kernels._backend
 
 # Sizes that change from batch to batch (mask count and size, and the mask strides that follow from
 # them) are not specialised, so that a new padded image size does not compile a new kernel.
@@ -63,37 +60,6 @@ def _bwd_configs() -> list[triton.Config]:
         triton.Config({"BLOCK": 4096}, num_warps=8),
         triton.Config({"BLOCK": 8192}, num_warps=8),
     ]
-
-
-@triton.jit
-def _axis(coord, size, ACC: tl.constexpr):
-    """One axis of torchvision's ``bilinear_interpolate``: (inside, low, high, weight of low, of high).
-
-    ``size`` is the mask's extent along the axis (may be 0: nothing is inside). A coordinate outside
-    ``[-1, size]`` (or NaN) is not inside; inside, it is clamped at 0, and at the last pixel both
-    neighbours are the last pixel. ``low``/``high`` are in ``[0, size - 1]`` whenever ``inside``.
-    """
-    inside = (coord >= -1.0) & (coord <= size) & (size > 0)
-    c = tl.where(inside, tl.maximum(coord, 0.0), 0.0)
-    low = c.to(tl.int32)
-    edge = low >= size - 1
-    low = tl.where(edge, size - 1, low)
-    high = tl.where(edge, size - 1, low + 1)
-    c = tl.where(edge, low.to(ACC), c)
-    frac = c - low.to(ACC)
-    return inside, low, high, 1.0 - frac, frac
-
-
-@triton.jit
-def _grid_size(bin_size, ok, SAMPLING_RATIO: tl.constexpr):
-    """Samples per bin side: ``SAMPLING_RATIO`` if positive, else ``ceil(bin_size)`` clamped to
-    ``[0, MAX_ADAPTIVE_SAMPLES]`` (in float, before the int conversion, which is undefined out of
-    range); 0 for a RoI that is not ``ok``."""
-    if SAMPLING_RATIO > 0:
-        n = tl.full((), SAMPLING_RATIO, tl.int32)
-    else:
-        n = tl.minimum(tl.maximum(tl.ceil(bin_size), 0.0), MAX_ADAPTIVE_SAMPLES).to(tl.int32)
-    return tl.where(ok, n, 0)
 
 
 @triton.autotune(configs=autotune_configs(_fwd_configs()), key=["M", "SAMPLING_RATIO", "BINARIZE"])
@@ -146,9 +112,9 @@ def _mask_loss_fwd_kernel(
     y1 = tl.load(box + box_stride_col, mask=active, other=0.0).to(ACC)
     x2 = tl.load(box + offset64(2, box_stride_col), mask=active, other=0.0).to(ACC)
     y2 = tl.load(box + offset64(3, box_stride_col), mask=active, other=0.0).to(ACC)
-    # A non-finite box samples nothing (target 0, as kernels.roi_align gives 0 for it); x - x == 0
-    # is False for NaN and +-inf. Zeroing its coordinates keeps NaN out of every later conversion.
-    ok = active & (x1 - x1 == 0) & (y1 - y1 == 0) & (x2 - x2 == 0) & (y2 - y2 == 0)
+    # A non-finite box samples nothing (target 0, as kernels.roi_align gives 0 for it). Zeroing its
+    # coordinates keeps NaN out of every later conversion.
+    ok = active & is_finite(x1) & is_finite(y1) & is_finite(x2) & is_finite(y2)
     x1 = tl.where(ok, x1, 0.0)
     y1 = tl.where(ok, y1, 0.0)
     x2 = tl.where(ok, x2, 0.0)
@@ -172,8 +138,8 @@ def _mask_loss_fwd_kernel(
         roi_h = tl.maximum(roi_h, 1.0)
     bin_w = roi_w / M
     bin_h = roi_h / M
-    grid_w = _grid_size(bin_w, ok, SAMPLING_RATIO)
-    grid_h = _grid_size(bin_h, ok, SAMPLING_RATIO)
+    grid_w = samples_per_bin(bin_w, ok, SAMPLING_RATIO)
+    grid_h = samples_per_bin(bin_h, ok, SAMPLING_RATIO)
 
     ph = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     pw = tl.arange(0, BLOCK_W)
@@ -184,13 +150,11 @@ def _mask_loss_fwd_kernel(
 
     acc = tl.zeros((BLOCK_H, BLOCK_W), ACC)
     for iy in range(0, loop_bound(grid_h)):
-        y = start_y + bin_y * bin_h + (iy + 0.5) * bin_h / grid_h
-        in_y, y_lo, y_hi, hy, ly = _axis(y, h_img, ACC)
+        in_y, y_lo, y_hi, hy, ly = axis(sample_coord(start_y, bin_y, bin_h, iy, grid_h), h_img)
         row_lo = base + offset64(y_lo, mask_stride_h)[:, None]
         row_hi = base + offset64(y_hi, mask_stride_h)[:, None]
         for ix in range(0, loop_bound(grid_w)):
-            x = start_x + bin_x * bin_w + (ix + 0.5) * bin_w / grid_w
-            in_x, x_lo, x_hi, hx, lx = _axis(x, w_img, ACC)
+            in_x, x_lo, x_hi, hx, lx = axis(sample_coord(start_x, bin_x, bin_w, ix, grid_w), w_img)
             # Outside samples load nothing and contribute 0 (their weights are finite: c = 0).
             m = pix & in_y[:, None] & in_x[None, :]
             col_lo = offset64(x_lo, mask_stride_w)[None, :]

@@ -2,8 +2,9 @@
 
 The definition is in ``kernels/mask_loss.py``'s docstring. ``forward_torch`` and ``backward_torch`` return what
 the kernels write (partial loss rows, weights and ``dlogits``; the whole gradient), so the op sums and scales
-them the same way for both backends. The targets are RoIAlign's bilinear average written as two matrices per
-RoI over a crop of its GT mask (``_axis_weights``), applied with batched matmuls.
+them the same way for both backends. The targets are RoIAlign's bilinear average (the sampling rule of
+``_sampling_torch``) written as two matrices per RoI over a crop of its GT mask (``_axis_weights``), applied with
+batched matmuls.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._mask_loss_kernels import MAX_ADAPTIVE_SAMPLES
+from ._sampling_torch import axis, sample_coord, samples_per_bin
 
 # The torch path gathers mask crops in chunks of at most this many elements (64 MB in float32).
 _CROP_CHUNK = 1 << 24
@@ -34,34 +35,24 @@ def _axis_weights(
     if not aligned:
         length = length.clamp_min(1.0)
     bin_size = length / M
-    if sampling_ratio > 0:
-        grid = torch.full_like(lo, sampling_ratio, dtype=torch.int64)
-    else:
-        grid = torch.ceil(bin_size).clamp(0, MAX_ADAPTIVE_SAMPLES.value).to(torch.int64)
-    grid = torch.where(ok, grid, 0)
+    grid = samples_per_bin(bin_size, ok, sampling_ratio)
     n = max(int(grid.max()), 1)
-    s = torch.arange(n, dtype=dt, device=lo.device)
-    pos = (
-        start[:, None, None]
-        + torch.arange(M, dtype=dt, device=lo.device)[None, :, None] * bin_size[:, None, None]
-        + (s + 0.5)[None, None, :] * bin_size[:, None, None] / grid.clamp_min(1)[:, None, None]
-    )
-    size = size[:, None, None]
-    inside = (s[None, None, :] < grid[:, None, None]) & (pos >= -1) & (pos <= size) & (size > 0)
-    c = torch.where(inside, pos.clamp_min(0.0), 0.0)
-    low = c.to(torch.int64)
-    edge = low >= size - 1
-    low = torch.where(edge, size - 1, low)
-    high = torch.where(edge, size - 1, low + 1)
-    frac = torch.where(edge, low.to(dt), c) - low
+    s = torch.arange(n, dtype=dt, device=lo.device)[None, None, :]
+    i = torch.arange(M, dtype=dt, device=lo.device)[None, :, None]
+    g = grid[:, None, None]
+    pos = sample_coord(start[:, None, None], i, bin_size[:, None, None], s, g.clamp_min(1))
+    inside, low, high, w_low, w_high = axis(pos, size[:, None, None])
+    # Padded samples (index >= the RoI's grid) weigh nothing either.
+    inside = inside & (s < g)
+    w_low, w_high = torch.where(inside, w_low, 0.0), torch.where(inside, w_high, 0.0)
     big = torch.iinfo(torch.int64).max
     origin = torch.where(inside, low, big).amin(dim=(1, 2))
     origin = torch.where(origin == big, 0, origin)
     last = torch.where(inside, high, -1).amax(dim=(1, 2))
     C = int((last - origin).max().clamp_min(0)) + 1
     weights = torch.zeros((R, M, C), dtype=dt, device=lo.device)
-    weights.scatter_add_(2, (low - origin[:, None, None]).clamp(0, C - 1), torch.where(inside, 1.0 - frac, 0.0))
-    weights.scatter_add_(2, (high - origin[:, None, None]).clamp(0, C - 1), torch.where(inside, frac, 0.0))
+    weights.scatter_add_(2, (low - origin[:, None, None]).clamp(0, C - 1), w_low)
+    weights.scatter_add_(2, (high - origin[:, None, None]).clamp(0, C - 1), w_high)
     return weights, origin, grid
 
 

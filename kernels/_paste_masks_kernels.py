@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._backend import autotune_configs, tl_acc_dtype
+from ._sampling_kernels import is_finite
 from ._triton_utils import offset64, round_to
 
 # Box coordinates are clamped to this before the float -> int64 conversion, which is undefined
@@ -58,8 +59,7 @@ def _expanded_box(boxes_ptr, boxes_stride_d, boxes_stride_c, d, mask_w, padding,
     ey1 = round_to(y_c - h_half, BOX_DTYPE)
     ex2 = round_to(x_c + w_half, BOX_DTYPE)
     ey2 = round_to(y_c + h_half, BOX_DTYPE)
-    # x - x == 0 is False for NaN and +-inf.
-    ok = (ex1 - ex1 == 0) & (ey1 - ey1 == 0) & (ex2 - ex2 == 0) & (ey2 - ey2 == 0)
+    ok = is_finite(ex1) & is_finite(ey1) & is_finite(ex2) & is_finite(ey2)
     ex1 = tl.where(ok, tl.minimum(tl.maximum(ex1, -_TL_COORD_LIMIT), _TL_COORD_LIMIT), 0.0)
     ey1 = tl.where(ok, tl.minimum(tl.maximum(ey1, -_TL_COORD_LIMIT), _TL_COORD_LIMIT), 0.0)
     ex2 = tl.where(ok, tl.minimum(tl.maximum(ex2, -_TL_COORD_LIMIT), _TL_COORD_LIMIT), 0.0)

@@ -2,10 +2,9 @@
 
 Math (torchvision's ``roi_align`` and, for ``pool_mode="max"``, mmcv's): a RoI ``(b, x1, y1, x2, y2)`` on
 level ``l`` with scale ``s`` starts at ``x1*s - o`` (``o = 0.5`` when ``aligned``) and spans
-``w = (x2 - x1)*s`` (at least 1 when not aligned); bin ``(i, j)`` of ``PH x PW`` averages (or maxes) the
-bilinear samples at ``y = y0 + i*bh + (iy + 0.5)*bh/gh`` for ``iy < gh`` (``gh = sampling_ratio`` or
-``ceil(bh)``), likewise in x. A sample outside ``[-1, H] x [-1, W]`` counts as 0; inside it is clamped to
-the map and interpolated from its four neighbours with weights ``hy*hx, hy*lx, ly*hx, ly*lx``.
+``w = (x2 - x1)*s`` (at least 1 when not aligned); bin ``(i, j)`` of ``PH x PW`` (``bh = h/PH``,
+``bw = w/PW``) averages (or maxes) its ``gh x gw`` bilinear samples. The samples, their count and their
+weights follow the sampling rule of ``_sampling_kernels``.
 
 The bilinear weights are separable: ``w(y, x) = wy(y) * wx(x)``. The forward and the atomic backward
 use them sample by sample; the deterministic backward uses them as matrices: a tile of the feature
@@ -35,11 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import MAX_SAMPLES_PER_SIDE, autotune_configs, tl_acc_dtype
+from ._backend import autotune_configs, tl_acc_dtype
+from ._sampling_kernels import axis, is_finite, sample_coord, samples_per_bin
 from ._triton_utils import loop_bound, offset64
 
 MAX_LEVELS = 5
-MAX_ADAPTIVE_SAMPLES = tl.constexpr(MAX_SAMPLES_PER_SIDE)  # see kernels._backend
 
 # Sizes that change from call to call (RoI count, feature map sizes and their strides) are not
 # specialised, so that a new image size does not compile a new kernel.
@@ -104,8 +103,7 @@ def _load_roi(
     y1 = tl.load(row + offset64(2, roi_stride_col)).to(ACC)
     x2 = tl.load(row + offset64(3, roi_stride_col)).to(ACC)
     y2 = tl.load(row + offset64(4, roi_stride_col)).to(ACC)
-    # x - x == 0 is False for NaN and for +-inf.
-    ok = (b >= 0) & (b < N) & (x1 - x1 == 0) & (y1 - y1 == 0) & (x2 - x2 == 0) & (y2 - y2 == 0)
+    ok = (b >= 0) & (b < N) & is_finite(x1) & is_finite(y1) & is_finite(x2) & is_finite(y2)
     if HAS_VALID:
         ok = ok & (tl.load(valid_ptr + offset64(k, valid_stride)) != 0)
     n = tl.where(ok, b, 0.0).to(tl.int64)
@@ -147,9 +145,9 @@ def _geometry(x1, y1, x2, y2, ok, scale_hi, scale_lo, sampling_ratio, PH: tl.con
     roi_w = end_x - start_x
     roi_h = end_y - start_y
     # Finite coordinates that overflow once scaled (3e38 * 4 in float32, or spatial_scale 1e39 passed as
-    # float32's inf) sample nothing, as non-finite ones do (x - x == 0 is False for +-inf and NaN); their
-    # geometry becomes 0 so that no later arithmetic sees an infinity.
-    ok = ok & (start_x - start_x == 0) & (start_y - start_y == 0) & (roi_w - roi_w == 0) & (roi_h - roi_h == 0)
+    # float32's inf) sample nothing, as non-finite ones do; their geometry becomes 0 so that no later
+    # arithmetic sees an infinity.
+    ok = ok & is_finite(start_x) & is_finite(start_y) & is_finite(roi_w) & is_finite(roi_h)
     start_x = tl.where(ok, start_x, 0.0)
     start_y = tl.where(ok, start_y, 0.0)
     roi_w = tl.where(ok, roi_w, 0.0)
@@ -159,46 +157,17 @@ def _geometry(x1, y1, x2, y2, ok, scale_hi, scale_lo, sampling_ratio, PH: tl.con
         roi_h = tl.maximum(roi_h, 1.0)
     bin_w = roi_w / PW
     bin_h = roi_h / PH
-    # Clamped in float before the conversion, which is undefined out of int32's range. A negative
-    # size (aligned boxes with x2 < x1) takes no samples, as in torchvision.
-    grid_w = tl.minimum(tl.maximum(tl.ceil(bin_w), 0.0), MAX_ADAPTIVE_SAMPLES).to(tl.int32)
-    grid_h = tl.minimum(tl.maximum(tl.ceil(bin_h), 0.0), MAX_ADAPTIVE_SAMPLES).to(tl.int32)
-    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, grid_w)
-    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, grid_h)
-    grid_w = tl.where(ok, grid_w, 0)
-    grid_h = tl.where(ok, grid_h, 0)
+    grid_w = samples_per_bin(bin_w, ok, sampling_ratio)
+    grid_h = samples_per_bin(bin_h, ok, sampling_ratio)
     return start_x, start_y, bin_w, bin_h, grid_w, grid_h
 
 
 @triton.jit
-def _axis(coord, size):
-    """One axis of torchvision's bilinear_interpolate: (inside, low, high, weight of low, weight of high).
-
-    ``low`` and ``high`` always lie in ``[0, size - 1]`` so that even an unmasked address is in bounds.
-    """
-    inside = (coord >= -1.0) & (coord <= size)
-    c = tl.minimum(tl.maximum(coord, 0.0), size)
-    low = c.to(tl.int32)
-    edge = low >= size - 1
-    low = tl.where(edge, size - 1, low)
-    high = tl.where(edge, size - 1, low + 1)
-    c = tl.where(edge, low.to(c.dtype), c)
-    frac = c - low.to(c.dtype)
-    return inside, low, high, 1.0 - frac, frac
-
-
-@triton.jit
-def _sample_coord(start, bin_index, bin_size, sample_index, grid):
-    # The same operation order as torchvision: start + i*bin + (iy + .5)*bin/grid.
-    return start + bin_index * bin_size + (sample_index + 0.5) * bin_size / grid
-
-
-@triton.jit
-def _axis_weights(bin_start, bin_size, grid, size, pix, ACC: tl.constexpr):
-    """Summed weights of a bin's ``grid`` samples along one axis on the pixels ``pix`` ([T] int)."""
+def _axis_weights(start, bin_index, bin_size, grid, size, pix, ACC: tl.constexpr):
+    """Summed weights of bin ``bin_index``'s ``grid`` samples along one axis on the pixels ``pix`` ([T] int)."""
     w = tl.zeros(pix.shape, ACC)
     for s in range(0, loop_bound(grid)):
-        inside, low, high, w_low, w_high = _axis(bin_start + (s + 0.5) * bin_size / grid, size)
+        inside, low, high, w_low, w_high = axis(sample_coord(start, bin_index, bin_size, s, grid), size)
         w += tl.where(pix == low, tl.where(inside, w_low, 0.0), 0.0)
         w += tl.where(pix == high, tl.where(inside, w_high, 0.0), 0.0)
     return w
@@ -207,8 +176,8 @@ def _axis_weights(bin_start, bin_size, grid, size, pix, ACC: tl.constexpr):
 @triton.jit
 def _sample_weights(y, x, H, W):
     """Corner indices and bilinear weights of samples ``(y, x)``; weights are 0 outside the map."""
-    in_y, y_lo, y_hi, hy, ly = _axis(y, H)
-    in_x, x_lo, x_hi, hx, lx = _axis(x, W)
+    in_y, y_lo, y_hi, hy, ly = axis(y, H)
+    in_x, x_lo, x_hi, hx, lx = axis(x, W)
     inside = in_y & in_x
     w1 = tl.where(inside, hy * hx, 0.0)
     w2 = tl.where(inside, hy * lx, 0.0)
@@ -332,9 +301,9 @@ def _roi_align_fwd_kernel(
     else:
         acc = _full_tile(0.0, ACC, BLOCK_P, BLOCK_C, BINS_FAST)
     for iy in range(0, loop_bound(grid_h)):
-        y = _sample_coord(start_y, bin_y, bin_h, iy, grid_h)
+        y = sample_coord(start_y, bin_y, bin_h, iy, grid_h)
         for ix in range(0, loop_bound(grid_w)):
-            x = _sample_coord(start_x, bin_x, bin_w, ix, grid_w)
+            x = sample_coord(start_x, bin_x, bin_w, ix, grid_w)
             inside, y_lo, y_hi, x_lo, x_hi, w1, w2, w3, w4 = _sample_weights(y, x, H, W)
             m = tile_mask & _along_bins(inside, BINS_FAST)
             row_lo = base + _along_bins(offset64(y_lo, s_h), BINS_FAST)
@@ -432,8 +401,8 @@ def _roi_align_bwd_kernel(
         # A bin without samples has arg -1 and is masked; max(grid, 1) keeps its arithmetic finite.
         iy = arg // tl.maximum(grid_w, 1)
         ix = arg % tl.maximum(grid_w, 1)
-        y = _sample_coord(start_y, _along_bins(bin_y, BINS_FAST), bin_h, iy, tl.maximum(grid_h, 1))
-        x = _sample_coord(start_x, _along_bins(bin_x, BINS_FAST), bin_w, ix, tl.maximum(grid_w, 1))
+        y = sample_coord(start_y, _along_bins(bin_y, BINS_FAST), bin_h, iy, tl.maximum(grid_h, 1))
+        x = sample_coord(start_x, _along_bins(bin_x, BINS_FAST), bin_w, ix, tl.maximum(grid_w, 1))
         inside, y_lo, y_hi, x_lo, x_hi, w1, w2, w3, w4 = _sample_weights(y, x, H, W)
         m = tile_mask & inside & (arg >= 0)
         row_lo = base + offset64(y_lo, s_h)
@@ -445,9 +414,9 @@ def _roi_align_bwd_kernel(
     else:
         g = g / tl.maximum(grid_h * grid_w, 1)
         for iy in range(0, loop_bound(grid_h)):
-            y = _sample_coord(start_y, bin_y, bin_h, iy, grid_h)
+            y = sample_coord(start_y, bin_y, bin_h, iy, grid_h)
             for ix in range(0, loop_bound(grid_w)):
-                x = _sample_coord(start_x, bin_x, bin_w, ix, grid_w)
+                x = sample_coord(start_x, bin_x, bin_w, ix, grid_w)
                 inside, y_lo, y_hi, x_lo, x_hi, w1, w2, w3, w4 = _sample_weights(y, x, H, W)
                 m = tile_mask & _along_bins(inside, BINS_FAST)
                 row_lo = base + _along_bins(offset64(y_lo, s_h), BINS_FAST)
@@ -545,7 +514,7 @@ def _roi_align_bwd_tiles_kernel(
             grad_k = grad_ptr + offset64(k, grad_stride_k) + offset64(offs_c, grad_stride_c)
             for i in range(0, PH):
                 if not MAX_MODE:
-                    wy = _axis_weights(start_y + i * bin_h, bin_h, grid_h, H, pix_y, ACC)
+                    wy = _axis_weights(start_y, i, bin_h, grid_h, H, pix_y, ACC)
                 for j in range(0, PW):
                     g_ptr = grad_k + offset64(i, grad_stride_h) + offset64(j, grad_stride_w)
                     g = tl.load(g_ptr, mask=c_mask, other=0.0).to(ACC)
@@ -554,10 +523,10 @@ def _roi_align_bwd_tiles_kernel(
                         arg = tl.load(argmax_ptr + arg_offs, mask=c_mask, other=-1)
                         iy = arg // grid_w
                         ix = arg % grid_w
-                        y = _sample_coord(start_y, i, bin_h, iy, grid_h)
-                        x = _sample_coord(start_x, j, bin_w, ix, grid_w)
-                        in_y, y_lo, y_hi, hy, ly = _axis(y, H)
-                        in_x, x_lo, x_hi, hx, lx = _axis(x, W)
+                        y = sample_coord(start_y, i, bin_h, iy, grid_h)
+                        x = sample_coord(start_x, j, bin_w, ix, grid_w)
+                        in_y, y_lo, y_hi, hy, ly = axis(y, H)
+                        in_x, x_lo, x_hi, hx, lx = axis(x, W)
                         g = tl.where(in_y & in_x & (arg >= 0), g, 0.0)
                         wyc = tl.where(pix_y[:, None] == y_lo[None, :], hy[None, :], 0.0)
                         wyc += tl.where(pix_y[:, None] == y_hi[None, :], ly[None, :], 0.0)
@@ -565,7 +534,7 @@ def _roi_align_bwd_tiles_kernel(
                         wxc += tl.where(pix_x[:, None] == x_hi[None, :], lx[None, :], 0.0)
                         acc += wyc[:, None, :] * wxc[None, :, :] * g[None, None, :]
                     else:
-                        wx = _axis_weights(start_x + j * bin_w, bin_w, grid_w, W, pix_x, ACC)
+                        wx = _axis_weights(start_x, j, bin_w, grid_w, W, pix_x, ACC)
                         g = g / (grid_h * grid_w)
                         acc += wy[:, None, None] * wx[None, :, None] * g[None, None, :]
 

@@ -2,11 +2,12 @@
 
 It runs on any device (``use_backend("torch")`` on CUDA tensors): every tensor it makes is on the inputs' device.
 
-The same math as the Triton kernels (see ``_roi_align_kernels``), vectorized over all RoIs of all levels at
-once. The levels' features form one pixel-major table ``[sum_l N*H_l*W_l, C]``; every RoI looks up its level's
-size and first row (a ``where`` over the few levels), and every output bin ``(k, i, j)`` becomes one row of
-``[K*PH*PW, S]`` table-row indices and bilinear weights: the 4 corners of each of the bin's ``Gh*Gw`` samples,
-``S = 4*Gh*Gw``. RoIs with smaller grids, invalid RoIs and samples outside the map weigh 0.
+The same math as the Triton kernels (see ``_roi_align_kernels``; the sampling rule is ``_sampling_torch``),
+vectorized over all RoIs of all levels at once. The levels' features form one pixel-major table
+``[sum_l N*H_l*W_l, C]``; every RoI looks up its level's size and first row (a ``where`` over the few levels), and
+every output bin ``(k, i, j)`` becomes one row of ``[K*PH*PW, S]`` table-row indices and bilinear weights: the 4
+corners of each of the bin's ``Gh*Gw`` samples, ``S = 4*Gh*Gw``. RoIs with smaller grids, invalid RoIs and samples
+outside the map weigh 0.
 
 * average: ``embedding_bag(rows, table, per_sample_weights=weights, mode="sum")``, which never materialises the
   ``[K*PH*PW, S, C]`` corners; its transpose, the backward, is an ``embedding_bag`` over the output gradient with
@@ -42,7 +43,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from ._backend import acc_dtype
-from ._roi_align_kernels import MAX_ADAPTIVE_SAMPLES, level_range
+from ._roi_align_kernels import level_range
+from ._sampling_torch import axis, sample_coord, samples_per_bin
 
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -124,13 +126,7 @@ def _plan(
     if not aligned:
         roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
     bin_w, bin_h = roi_w / pooled[1], roi_h / pooled[0]
-    if sampling_ratio > 0:
-        grid_w = torch.full_like(level, sampling_ratio)
-        grid_h = torch.full_like(level, sampling_ratio)
-    else:
-        grid_w = torch.ceil(bin_w).clamp(0, MAX_ADAPTIVE_SAMPLES.value).long()
-        grid_h = torch.ceil(bin_h).clamp(0, MAX_ADAPTIVE_SAMPLES.value).long()
-    grid_w, grid_h = torch.where(ok, grid_w, 0), torch.where(ok, grid_h, 0)
+    grid_w, grid_h = samples_per_bin(bin_w, ok, sampling_ratio), samples_per_bin(bin_h, ok, sampling_ratio)
     index = _index_dtype(shapes, batch_size, channels)
     first = [batch_size * sum(h * w for h, w in shapes[:lvl]) for lvl in range(len(shapes))]
     height = _per_level(level, [h for h, _ in shapes], index)
@@ -152,20 +148,6 @@ def _grid(plan: _Plan, sampling_ratio: int) -> tuple[int, int]:
     return max(int(plan.grid_h.max()), 1), max(int(plan.grid_w.max()), 1)
 
 
-def _axis(coord: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One axis of torchvision's bilinear_interpolate: (low, high, weight of low, weight of high), the weights 0
-    outside the map. ``size`` (an integer tensor, the corners' dtype) broadcasts against ``coord``."""
-    inside = (coord >= -1) & (coord <= size)
-    c = coord.clamp(min=0).minimum(size.to(coord.dtype))
-    low = c.to(size.dtype)
-    edge = low >= size - 1
-    low = torch.where(edge, size - 1, low)
-    high = torch.where(edge, size - 1, low + 1)
-    c = torch.where(edge, low.to(c.dtype), c)
-    frac = c - low
-    return low, high, (1 - frac) * inside, frac * inside
-
-
 def _bin_samples(
     start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tensor, G: int, bins: int, size: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,8 +157,7 @@ def _bin_samples(
     """
     s = torch.arange(G, dtype=start.dtype, device=start.device)[:, None]
     i = torch.arange(bins, dtype=start.dtype, device=start.device)[:, None, None]
-    coord = start + i * bin_size + (s + 0.5) * bin_size / grid.clamp(min=1)
-    low, high, w_low, w_high = _axis(coord, size)
+    _, low, high, w_low, w_high = axis(sample_coord(start, i, bin_size, s, grid.clamp(min=1)), size)
     keep = torch.arange(G, device=grid.device)[:, None] < grid
     return torch.stack([low, high], 2), torch.stack([w_low, w_high], 2) * keep[:, None]
 

@@ -22,7 +22,7 @@ Results for inputs torchvision leaves undefined (documented and tested):
 * a RoI whose batch index is not in ``[0, N)``, whose coordinates are not finite, whose ``valid`` flag
   is False or (multi-level) whose area is negative gives zeros and receives no gradient;
 * ``pool_mode="max"``: a bin with no samples (only aligned boxes of non-positive size) gives 0;
-* adaptive sampling takes at most 1024 samples per bin side (see ``MAX_ADAPTIVE_SAMPLES``);
+* adaptive sampling takes at most 1024 samples per bin side (see ``_sampling_kernels``);
 * ``rois`` may have any floating dtype (e.g. float32 boxes with bfloat16 features under autocast):
   coordinates are read in float32 (float64 for float64 features).
 """

@@ -9,8 +9,8 @@ fixed in the project's RoIAlign API note:
 * offset = 0.5 if aligned else 0; start = coord * scale - offset; size = end - start, at least 1 unless
   aligned; bin = size / pooled; grid = sampling_ratio if > 0 else ceil(size / pooled), at most 1024;
   count = max(grid_h * grid_w, 1); sample y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h.
-* bilinear: a sample with y < -1, y > H, x < -1 or x > W contributes 0 (and no gradient); otherwise y is
-  clamped to >= 0, y_low = int(y), and at the last row both neighbours are the last row.
+* bilinear: a sample with y < -1, y > H, x < -1 or x > W (or on an empty map) contributes 0 (and no gradient);
+  otherwise y is clamped to >= 0, y_low = int(y), and at the last row both neighbours are the last row.
 * avg: sum of the samples / count. max: the largest sample (an out-of-map sample is 0), first one wins on
   ties (iy outer, ix inner, strict '>'), an empty bin gives 0; its gradient goes to the 4 neighbours of
   the winning sample with the bilinear weights, not divided by count.
@@ -18,6 +18,9 @@ fixed in the project's RoIAlign API note:
   [0, N) (a valid one is truncated with int()), and in the multi-level op valid[k] False or negative area.
   With a single level the multi-level op maps nothing (as torchvision's MultiScaleRoIAlign, which then calls
   roi_align directly): a negative-area RoI is pooled like roi_align pools it.
+
+``mask_target_ref`` is the same RoIAlign (avg, spatial scale 1) of one GT mask over one box: the mask loss's
+targets (``kernels/mask_loss.py``).
 
 Everything is computed in float64 with numpy, vectorized over channels only.
 """
@@ -58,7 +61,7 @@ def roi_batch_index(roi: np.ndarray, batch_size: int) -> int | None:
 
 def bilinear_neighbours(height: int, width: int, y: float, x: float) -> list[tuple[int, int, float]]:
     """The (row, column, weight) of the 4 bilinear neighbours of a sample, [] if it lies outside the map."""
-    if y < -1.0 or y > height or x < -1.0 or x > width:
+    if height == 0 or width == 0 or y < -1.0 or y > height or x < -1.0 or x > width:
         return []
     if y <= 0:
         y = 0.0
@@ -255,6 +258,17 @@ def roi_align_ref_backward(
         _as_f64(grad_output),
     )
     return torch.from_numpy(grad_in)
+
+
+def mask_target_ref(
+    mask: np.ndarray, box: Sequence[float], size: int, aligned: bool, sampling_ratio: int
+) -> torch.Tensor:
+    """RoIAlign (avg, spatial scale 1) of one mask ``[h, w]`` (h or w may be 0) over one box ``(x1, y1, x2, y2)``
+    -> float64 ``[size, size]``; zeros for a non-finite box, as for any invalid RoI."""
+    plane = np.asarray(mask, dtype=np.float64)[None, None]
+    roi = np.array([[0.0, *box]])
+    out, _, _ = _roi_align_loops(plane, roi, size, size, 1.0, sampling_ratio, aligned, "avg", None)
+    return torch.from_numpy(out[0, 0])
 
 
 def fpn_level(

@@ -19,6 +19,7 @@ from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_
 
 from kernels._backend import use_backend
 from kernels.mask_loss import EPS, mask_loss, maskrcnn_loss
+from tests.reference import mask_target_ref
 from tests.tolerances import coordinate_atol, subnormal_atol, tol
 
 BACKENDS = ("triton", "torch")
@@ -31,61 +32,9 @@ def backend(request: pytest.FixtureRequest):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Float64 loop reference: torchvision's RoIAlign bilinear sampling written out plainly, then torch's own
-# binary_cross_entropy_with_logits per RoI.
+# Float64 loop reference: the targets from tests/reference.py's RoIAlign loops (torchvision's bilinear sampling
+# written out plainly), then torch's own binary_cross_entropy_with_logits per RoI.
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def ref_bilinear(mask: list[list[float]], h: int, w: int, y: float, x: float) -> float:
-    if h == 0 or w == 0 or y < -1.0 or y > h or x < -1.0 or x > w:
-        return 0.0
-    y, x = max(y, 0.0), max(x, 0.0)
-    y_low, x_low = int(y), int(x)
-    if y_low >= h - 1:
-        y_high = y_low = h - 1
-        y = float(y_low)
-    else:
-        y_high = y_low + 1
-    if x_low >= w - 1:
-        x_high = x_low = w - 1
-        x = float(x_low)
-    else:
-        x_high = x_low + 1
-    ly, lx = y - y_low, x - x_low
-    hy, hx = 1.0 - ly, 1.0 - lx
-    return (
-        hy * hx * mask[y_low][x_low]
-        + hy * lx * mask[y_low][x_high]
-        + ly * hx * mask[y_high][x_low]
-        + ly * lx * mask[y_high][x_high]
-    )
-
-
-def ref_target(mask: list[list[float]], h: int, w: int, box: list[float], M: int, aligned: bool, sr: int):
-    """RoIAlign (avg, spatial_scale 1) of one mask over one box: M x M nested lists."""
-    if not all(math.isfinite(v) for v in box):
-        return [[0.0] * M for _ in range(M)]  # documented: a non-finite box samples nothing
-    x1, y1, x2, y2 = box
-    off = 0.5 if aligned else 0.0
-    sx, sy = x1 - off, y1 - off
-    rw, rh = (x2 - off) - sx, (y2 - off) - sy
-    if not aligned:
-        rw, rh = max(rw, 1.0), max(rh, 1.0)
-    bw, bh = rw / M, rh / M
-    gh = sr if sr > 0 else math.ceil(rh / M)
-    gw = sr if sr > 0 else math.ceil(rw / M)
-    count = max(gh * gw, 1)
-    out = [[0.0] * M for _ in range(M)]
-    for ph in range(M):
-        for pw in range(M):
-            total = 0.0
-            for iy in range(gh):
-                y = sy + ph * bh + (iy + 0.5) * bh / gh
-                for ix in range(gw):
-                    x = sx + pw * bw + (ix + 0.5) * bw / gw
-                    total += ref_bilinear(mask, h, w, y, x)
-            out[ph][pw] = total / count
-    return out
 
 
 def ref_mask_loss(case: dict, binarize: bool = False, aligned: bool = False, sampling_ratio: int = -1, scale=1.0):
@@ -103,9 +52,8 @@ def ref_mask_loss(case: dict, binarize: bool = False, aligned: bool = False, sam
         if not (0 <= b < B and 0 <= g < G and 0 <= lab < K and w != 0):
             continue
         h, wd = (H, W) if sizes is None else (min(max(int(sizes[b, 0]), 0), H), min(max(int(sizes[b, 1]), 0), W))
-        mask = masks[b, g, :h, :wd].tolist()
         box = [float(v) for v in case["boxes"][r].to(torch.float64)]
-        t = torch.tensor(ref_target(mask, h, wd, box, M, aligned, sampling_ratio), dtype=torch.float64)
+        t = mask_target_ref(masks[b, g, :h, :wd].numpy(), box, M, aligned, sampling_ratio)
         if binarize:
             t = (t >= 0.5).to(torch.float64)
         num = num + w * F.binary_cross_entropy_with_logits(logits[r, lab], t)
