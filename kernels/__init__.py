@@ -3,7 +3,8 @@
 ``import kernels; kernels.roi_align(...)``. CUDA tensors run the Triton kernels, CPU tensors a
 vectorized torch implementation of the same math (or the Triton kernels under
 ``TRITON_INTERPRET=1``); ``backend_for(t)`` says which. Every op is registered under
-``torch.ops.mrcnn`` with a fake implementation, so ``torch.compile(fullgraph=True)`` traces through.
+``torch.ops.mrcnn`` with a fake implementation, so ``torch.compile(fullgraph=True)`` traces through; on CUDA
+the compiled graph launches the Triton kernels itself (``_backend.TritonCustomOp``).
 """
 
 from ._backend import backend_for, cpu_decompositions, use_backend

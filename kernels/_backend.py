@@ -7,8 +7,8 @@
 * ``use_backend("torch" | "triton")`` forces one for the ops called inside it (tests compare the two
   paths in one process; benchmarks pin the torch path on CPU).
 
-Also the conventions every op shares: its argument errors (``OpValueError`` / ``OpTypeError``) and its
-autocast rule (``register_autocast``).
+Also the conventions every op shares: its registration (``triton_custom_op``), its argument errors
+(``OpValueError`` / ``OpTypeError``) and its autocast rule (``register_autocast``).
 
 The interpreter flag is read once, at import, because ``triton.jit`` decides at decoration time
 whether a kernel is compiled or interpreted.
@@ -17,13 +17,17 @@ whether a kernel is compiled or interpreted.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import operator
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch._library.infer_schema import infer_schema
+from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -53,23 +57,109 @@ def backend_for(t: torch.Tensor) -> str:
     return "triton" if INTERPRET and t.device.type == "cpu" else "torch"
 
 
+def _first_tensor(args: Sequence[object]) -> torch.Tensor | None:
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            a = _first_tensor(a)
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+class TritonCustomOp:
+    """An op registered twice, so that compiled graphs launch our CUDA kernels themselves and nothing else
+    changes.
+
+    * ``mrcnn::<name>``, the op users and autograd see, is a ``torch.library.triton_op``. Eager calls run
+      ``impl``. When ``torch.compile`` / AOTInductor functionalize a graph they trace into it: for CUDA
+      tensors that take the Triton backend, ``impl``'s launches (``wrap_triton``, ``kernels._triton_utils``)
+      become user-defined Triton kernels in inductor's generated code, so a CUDA AOTInductor package holds our
+      kernels and loads without Python.
+    * every other call (CPU tensors, the interpreter, ``use_backend("torch")`` on CUDA) goes to
+      ``mrcnn::<name>_opaque``, a plain ``custom_op`` with the same ``impl``: compiled graphs keep it as one
+      node with a shape-only fake, as before. Traced into instead, a CPU call would meet the interpreter
+      (which cannot run on fake tensors) or a torch path with data-dependent sizes (RoIAlign's adaptive
+      sampling grid, the mask loss's crop size). A CPU export decomposes ``mrcnn::<name>`` into aten ops
+      explicitly, with ``cpu_decompositions()``, where the torch path is traceable.
+
+    Measured on CPU: ``torch.export`` keeps a ``triton_op`` as one node; functionalized over fake CUDA
+    tensors (what inductor does), ``mrcnn::<name>`` leaves only ``triton_kernel_wrapper_functional`` nodes
+    (``tests/kernels/test_triton_op.py``). The fake registered with ``register_fake`` serves both ops, so
+    Dynamo's shape propagation never runs a launcher.
+    """
+
+    def __init__(self, name: str, impl: Callable[..., object], inline_on_cuda: bool) -> None:
+        self.name, self.impl = name, impl
+        schema = infer_schema(impl, mutates_args=())
+
+        @functools.wraps(impl)
+        def launch_directly(*args: object) -> object:
+            # No graph traces into an opaque call, so its launches skip wrap_triton's higher-order op (~1 ms per
+            # launch in eager mode, torch's docs), as triton_op does for eager calls.
+            with set_wrap_triton_enabled(False):
+                return impl(*args)
+
+        self.opaque = torch.library.custom_op(f"mrcnn::{name}_opaque", launch_directly, mutates_args=(), schema=schema)
+        opaque = getattr(torch.ops.mrcnn, f"{name}_opaque").default
+
+        @functools.wraps(impl)
+        def impl_or_opaque(*args: object) -> object:
+            t = _first_tensor(args)
+            if inline_on_cuda and t is not None and t.is_cuda and backend_for(t) == "triton":
+                return impl(*args)
+            return opaque(*args)
+
+        # torch 2.11's triton_op infers the schema from the function it wraps (ignoring ``schema``), evaluating
+        # string annotations in that function's module: give it ``impl``'s signature with the types evaluated.
+        impl_or_opaque.__signature__ = inspect.signature(impl, eval_str=True)
+        self.op = torch.library.triton_op(f"mrcnn::{name}", impl_or_opaque, mutates_args=(), schema=schema)
+
+    def register_fake(self, fake: Callable[..., object]) -> Callable[..., object]:
+        self.opaque.register_fake(fake)
+        self.op.register_fake(fake)
+        return fake
+
+    def register_autograd(self, backward: Callable[..., object], *, setup_context: Callable[..., object]) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+
+    def __call__(self, *args: object) -> object:
+        return self.op(*args)
+
+
+_OPS: dict[str, TritonCustomOp] = {}
+# Inductor works out which tensors a user kernel writes by walking its TTIR. From torch 2.12 that walk counts every
+# path through the dataflow graph without memoising shared nodes (pytorch/pytorch#193703, open): exponential in
+# the sharing depth. Measured here (tests/kernels/fake_cuda_graphs.py, torch 2.14): every kernel of ours takes
+# under 1 s, except NMS, still running after 100 s. torch 2.11 walks with a visited set.
+LINEAR_KERNEL_ANALYSIS = torch.__version__ < torch.torch_version.TorchVersion("2.12")
+
+
+def triton_custom_op(name: str, *, inline_on_cuda: bool = True) -> Callable[[Callable[..., object]], TritonCustomOp]:
+    """Decorator: register ``impl`` as ``mrcnn::<name>`` (see ``TritonCustomOp``); its type hints give the schema.
+    ``inline_on_cuda=False`` keeps CUDA calls opaque too (where no graph can trace into the op: an output size
+    that is the data's, or a kernel inductor cannot analyse)."""
+
+    def register(impl: Callable[..., object]) -> TritonCustomOp:
+        _OPS[name] = TritonCustomOp(name, impl, inline_on_cuda)
+        return _OPS[name]
+
+    return register
+
+
 # The forward ops whose torch path traces with fake tensors into static-shape aten ops (tests/kernels/
 # test_decompose.py). nms/batched_nms are not among them: their output size is the data's.
-TRACEABLE_OPS = ("roi_align", "multiscale_roi_align", "decode_boxes", "encode_boxes", "nms_fixed", "paste_masks")
+TRACEABLE_OPS = ("multiscale_roi_align", "decode_boxes", "encode_boxes", "nms_fixed", "paste_masks")
 
 
 def cpu_decompositions() -> dict:
     """``{torch.ops.mrcnn.<op>.default: its Python implementation}`` for ``ExportedProgram.run_decompositions``.
 
-    ``torch.export`` keeps each of our ops as one opaque node, which an AOTInductor package could only call
-    back through this project. Decomposed with its own implementation, an op is traced on fake CPU tensors,
-    which take the torch path (``backend_for``): the graph then holds aten ops only. RoIAlign's adaptive
-    sampling has a data-dependent sample grid and raises a ``ValueError`` when traced (a fixed
-    ``sampling_ratio`` traces).
+    ``torch.export`` keeps each of our ops as one node, which a CPU AOTInductor package could only call back
+    through this project. Decomposed with its own implementation, an op is traced on fake CPU tensors, which
+    take the torch path (``backend_for``): the graph then holds aten ops only. RoIAlign's adaptive sampling has
+    a data-dependent sample grid and raises a ``ValueError`` when traced (a fixed ``sampling_ratio`` traces).
     """
-    from torch._library.custom_ops import _maybe_get_opdef
-
-    return {getattr(torch.ops.mrcnn, op).default: _maybe_get_opdef(f"mrcnn::{op}")._init_fn for op in TRACEABLE_OPS}
+    return {getattr(torch.ops.mrcnn, op).default: _OPS[op].impl for op in TRACEABLE_OPS}
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast_rn, ieee_div, offset64, round_to
+from ._triton_utils import cast_rn, ieee_div, offset64, round_to, wrap_triton
 
 __all__ = ["decode_backward_triton", "decode_triton", "encode_triton"]
 
@@ -273,7 +273,7 @@ def decode_triton(deltas, boxes, weights, clip, image_sizes, min_size, scores, s
     sc = scores if scores is not None else deltas
     v = valid if valid.numel() else out
     grid = (triton.cdiv(n, _BLOCK),)
-    _decode_boxes_fwd_kernel[grid](
+    wrap_triton(_decode_boxes_fwd_kernel)[grid](
         deltas, boxes, sizes, sc, out, v,
         n, K,
         deltas.stride(0), deltas.stride(1), boxes.stride(0), boxes.stride(1), sizes.stride(0), sizes.stride(1),
@@ -292,7 +292,7 @@ def decode_backward_triton(grad, deltas, boxes, weights, clip, image_sizes, grad
     sizes = image_sizes if image_sizes is not None else deltas
     block_k = triton.next_power_of_2(K)
     block_r = max(1, _TILE // block_k)
-    _decode_boxes_bwd_kernel[(triton.cdiv(R, block_r),)](
+    wrap_triton(_decode_boxes_bwd_kernel)[(triton.cdiv(R, block_r),)](
         grad, deltas, boxes, sizes, grad_deltas, grad_boxes,
         R, K,
         grad.stride(0), grad.stride(1), grad.stride(2), deltas.stride(0), deltas.stride(1),
@@ -307,7 +307,7 @@ def encode_triton(reference_boxes, proposals, weights, out):
     N = out.shape[0]
     if N == 0:
         return
-    _encode_boxes_kernel[(triton.cdiv(N, _BLOCK),)](
+    wrap_triton(_encode_boxes_kernel)[(triton.cdiv(N, _BLOCK),)](
         reference_boxes, proposals, out,
         N,
         reference_boxes.stride(0), reference_boxes.stride(1), proposals.stride(0), proposals.stride(1),

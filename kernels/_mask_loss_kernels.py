@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ._backend import autotune_configs, tl_acc_dtype
 from ._sampling_kernels import axis, is_finite, sample_coord, samples_per_bin
-from ._triton_utils import loop_bound, offset64
+from ._triton_utils import loop_bound, offset64, wrap_triton
 
 # Sizes that change from batch to batch (mask count and size, and the mask strides that follow from
 # them) are not specialised, so that a new padded image size does not compile a new kernel.
@@ -261,7 +261,7 @@ def forward_triton(
     # Without sizes the kernel never reads the pointer: pass any tensor, strides 0.
     sizes, size_strides = (mask_sizes, mask_sizes.stride()) if mask_sizes is not None else (image_idx, (0, 0))
     grid = lambda meta: (R, triton.cdiv(M, meta["BLOCK_H"]))
-    _mask_loss_fwd_kernel[grid](
+    wrap_triton(_mask_loss_fwd_kernel)[grid](
         loss_rows, weight_rows, dlogits,
         logits, boxes, masks, sizes, image_idx, matched_idx, labels, weights,
         K, *masks.shape,
@@ -288,7 +288,7 @@ def backward_triton(
     if grad.numel() == 0:
         return grad
     grid = lambda meta: (R, triton.cdiv(num_classes * M * M, meta["BLOCK"]))
-    _mask_loss_bwd_kernel[grid](
+    wrap_triton(_mask_loss_bwd_kernel)[grid](
         grad, grad_loss, weight_sum, dlogits, labels, num_classes, labels.stride(0), eps,
         M=M, ACC=tl_acc_dtype(dlogits.dtype),
     )  # fmt: skip

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._backend import autotune_configs
-from ._triton_utils import ieee_div, loop_bound, offset64, round_to
+from ._triton_utils import ieee_div, loop_bound, offset64, round_to, wrap_triton
 
 WORD = 64  # bits per mask word (int64) = boxes per block of the sweep
 _OUT_BLOCK = 1024
@@ -220,7 +220,7 @@ def forward_triton(
     mask = torch.empty((B, N, num_words), dtype=torch.int64, device=boxes.device)
     ix = idxs if idxs is not None else order
     grid = lambda meta: (num_words, triton.cdiv(N, meta["BLOCK_ROWS"]), B)
-    _nms_mask_kernel[grid](
+    wrap_triton(_nms_mask_kernel)[grid](
         boxes, order, ix, mask,
         N,
         boxes.stride(0), boxes.stride(1), boxes.stride(2), order.stride(0), order.stride(1),
@@ -231,7 +231,7 @@ def forward_triton(
     )  # fmt: skip
     words_pad = max(16, triton.next_power_of_2(num_words))
     v = valid if valid is not None else keep_valid
-    _nms_sweep_kernel[(B,)](
+    wrap_triton(_nms_sweep_kernel)[(B,)](
         mask, order, v, keep, keep_valid, count,
         N, max_out,
         mask.stride(0), mask.stride(1), mask.stride(2), order.stride(0), order.stride(1),

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._backend import autotune_configs, tl_acc_dtype
 from ._sampling_kernels import is_finite
-from ._triton_utils import offset64, round_to
+from ._triton_utils import offset64, round_to, wrap_triton
 
 # Box coordinates are clamped to this before the float -> int64 conversion, which is undefined
 # out of range; box sizes (``X2 - X1 + 1``) then still fit in int64.
@@ -214,7 +214,7 @@ def forward_triton(
     valid_k = boxes if valid is None else valid.view(torch.uint8)
     # torch compares a tensor with a Python scalar after rounding the scalar to the tensor's dtype.
     rounded_threshold = 0.0 if threshold is None else torch.tensor(threshold, dtype=masks.dtype, device="cpu").item()
-    _paste_masks_fwd_kernel[(num_masks * num_tiles_per_mask,)](
+    wrap_triton(_paste_masks_fwd_kernel)[(num_masks * num_tiles_per_mask,)](
         out_k, masks, boxes, valid_k,
         num_tiles_per_mask, num_tiles_w, image_height, image_width, mask_h, mask_w, padding,
         out_k.stride(0), out_k.stride(2), out_k.stride(3),

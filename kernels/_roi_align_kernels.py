@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ._backend import autotune_configs, tl_acc_dtype
 from ._sampling_kernels import axis, is_finite, sample_coord, samples_per_bin
-from ._triton_utils import loop_bound, offset64
+from ._triton_utils import loop_bound, offset64, wrap_triton
 
 MAX_LEVELS = 5
 
@@ -610,7 +610,7 @@ def forward_triton(
     k_min, k_max = level_range(scales)
     ptrs = _padded(features, f)
     grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))
-    _roi_align_fwd_kernel[grid](
+    wrap_triton(_roi_align_fwd_kernel)[grid](
         out, argmax, rois, valid if valid is not None else rois, *ptrs,
         K, N, C, *sizes, rois.stride(0), rois.stride(1), valid.stride(0) if valid is not None else 0,
         *strides, *scale_args, sampling_ratio, float(canonical[0]), float(canonical[1]), float(k_min), float(k_max),
@@ -668,8 +668,8 @@ def backward_triton(
             sum(N * triton.cdiv(h, m["TILE_H"]) * triton.cdiv(w, m["TILE_W"]) for h, w in level_shapes),
             triton.cdiv(C, m["BLOCK_C"]),
         )
-        _roi_align_bwd_tiles_kernel[grid](*args, **meta)
+        wrap_triton(_roi_align_bwd_tiles_kernel)[grid](*args, **meta)
     else:
         grid = lambda m: (K, triton.cdiv(C, m["BLOCK_C"]))
-        _roi_align_bwd_kernel[grid](*args, BLOCK_P=triton.next_power_of_2(PH * PW), **meta)
+        wrap_triton(_roi_align_bwd_kernel)[grid](*args, BLOCK_P=triton.next_power_of_2(PH * PW), **meta)
     return [g.to(grad.dtype) for g in grads]

@@ -1,5 +1,5 @@
-"""Small ``@triton.jit`` helpers shared by several op modules: 64-bit address offsets, and torch's roundings
-reproduced in Triton.
+"""Small helpers shared by several op modules: ``wrap_triton`` for every launch, 64-bit address offsets, and
+torch's roundings reproduced in Triton.
 
 The kernels compute in float32 (float64 for float64) and must round like torch where torch rounds:
 once to the output dtype, and at the intermediate steps where torch computes in the inputs' dtype.
@@ -9,12 +9,25 @@ interpreter (CPU tests) converts float32 -> bfloat16 by truncation instead of ro
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from ._backend import INTERPRET
 
-__all__ = ["cast_rn", "ieee_div", "loop_bound", "offset64", "round_to"]
+__all__ = ["cast_rn", "ieee_div", "loop_bound", "offset64", "round_to", "wrap_triton"]
+
+
+def wrap_triton(kernel: object) -> object:
+    """``torch.library.wrap_triton(kernel)``: every launch goes through it, so that a graph traced over CUDA tensors
+    records the launch (inductor then launches the kernel from its generated code; ``kernels._backend.
+    TritonCustomOp``). In eager calls of our ops it is the kernel itself.
+
+    Under the interpreter the kernel is returned as it is: torch 2.11's ``wrap_triton`` refuses an interpreted
+    kernel (later versions pass it through), and interpreted kernels only ever run eagerly.
+    """
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+
 
 if INTERPRET:
 

@@ -51,6 +51,7 @@ from ._backend import (
     backend_for,
     check_tensor,
     register_autocast,
+    triton_custom_op,
 )
 from ._box_coder_kernels import decode_backward_triton, decode_triton, encode_triton
 from ._box_coder_torch import decode_backward_torch, decode_torch, encode_torch
@@ -130,7 +131,7 @@ def _decode_outputs(deltas: Tensor, min_size: float | None, scores: Tensor | Non
     return out, valid
 
 
-@torch.library.custom_op("mrcnn::decode_boxes", mutates_args=())
+@triton_custom_op("decode_boxes")
 def _decode_boxes_op(
     deltas: Tensor,
     boxes: Tensor,
@@ -157,7 +158,7 @@ def _(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh)
     return _decode_outputs(deltas, min_size, scores)
 
 
-@torch.library.custom_op("mrcnn::decode_boxes_backward", mutates_args=())
+@triton_custom_op("decode_boxes_backward")
 def _decode_boxes_backward_op(
     grad: Tensor,
     deltas: Tensor,
@@ -205,7 +206,7 @@ def _encode_output(reference_boxes: Tensor, proposals: Tensor) -> Tensor:
     return reference_boxes.new_empty(reference_boxes.shape, dtype=dtype)
 
 
-@torch.library.custom_op("mrcnn::encode_boxes", mutates_args=())
+@triton_custom_op("encode_boxes")
 def _encode_boxes_op(reference_boxes: Tensor, proposals: Tensor, weights: list[float]) -> Tensor:
     """Regression targets ``[N, 4]`` of ``reference_boxes`` w.r.t. ``proposals``; see ``encode_boxes``."""
     _validate_encode(reference_boxes, proposals, weights)

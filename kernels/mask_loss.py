@@ -60,6 +60,7 @@ from ._backend import (
     check_sampling_ratio,
     check_tensor,
     register_autocast,
+    triton_custom_op,
 )
 from ._mask_loss_kernels import backward_triton, forward_triton
 from ._mask_loss_torch import backward_torch, forward_torch
@@ -113,7 +114,7 @@ def _validate(
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mrcnn::mask_loss", mutates_args=())
+@triton_custom_op("mask_loss")
 def _mask_loss_op(
     logits: Tensor,
     boxes: Tensor,
@@ -154,7 +155,7 @@ def _(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_siz
     return logits.new_empty(()), logits.new_empty((R, M, M), dtype=acc), logits.new_empty((), dtype=acc)
 
 
-@torch.library.custom_op("mrcnn::mask_loss_backward", mutates_args=())
+@triton_custom_op("mask_loss_backward")
 def _mask_loss_backward_op(
     grad_loss: Tensor, dlogits: Tensor, weight_sum: Tensor, labels: Tensor, num_classes: int, dtype: torch.dtype
 ) -> Tensor:

@@ -50,7 +50,16 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from ._backend import FLOAT_DTYPES, OpValueError, acc_dtype, backend_for, check_tensor, register_autocast
+from ._backend import (
+    FLOAT_DTYPES,
+    LINEAR_KERNEL_ANALYSIS,
+    OpValueError,
+    acc_dtype,
+    backend_for,
+    check_tensor,
+    register_autocast,
+    triton_custom_op,
+)
 from ._nms_kernels import forward_triton
 from ._nms_torch import forward_torch, forward_traced
 
@@ -147,7 +156,9 @@ def _nms_sorted(boxes, order, idxs, valid, iou_threshold, max_out):
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mrcnn::nms_fixed", mutates_args=())
+# Inlined into CUDA graphs only where inductor's kernel analysis terminates for the NMS kernels (see
+# LINEAR_KERNEL_ANALYSIS); elsewhere a compiled CUDA graph calls the opaque op.
+@triton_custom_op("nms_fixed", inline_on_cuda=LINEAR_KERNEL_ANALYSIS)
 def _nms_fixed_op(
     boxes: Tensor,
     scores: Tensor,
@@ -169,7 +180,8 @@ def _(boxes, scores, iou_threshold, max_out, valid, idxs):
     return boxes.new_empty((B, max_out), dtype=torch.int64), boxes.new_empty((B, max_out), dtype=torch.bool)
 
 
-@torch.library.custom_op("mrcnn::nms", mutates_args=())
+# Opaque on CUDA too: its output size is the data's, so no graph can trace into it.
+@triton_custom_op("nms", inline_on_cuda=False)
 def _nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
     """Kept indices ``[M]`` int64 in decreasing score order; per class when ``idxs`` is given."""
     _validate_flat(boxes, scores, idxs)

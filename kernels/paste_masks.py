@@ -51,7 +51,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import FLOAT_DTYPES, OpValueError, backend_for, check_tensor, register_autocast
+from ._backend import FLOAT_DTYPES, OpValueError, backend_for, check_tensor, register_autocast, triton_custom_op
 from ._paste_masks_kernels import forward_triton
 from ._paste_masks_torch import backward_torch, forward_torch
 
@@ -65,7 +65,7 @@ MAX_PADDING = 1024
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mrcnn::paste_masks", mutates_args=())
+@triton_custom_op("paste_masks")
 def _paste_masks_op(
     masks: torch.Tensor,
     boxes: torch.Tensor,

@@ -9,14 +9,11 @@
 
 Kernels and their math: ``_roi_align_kernels``; the CPU torch path: ``_roi_align_torch``.
 
-Registration: ``torch.library.custom_op`` rather than ``triton_op``. One op must serve three
-backends — compiled Triton on CUDA, the torch path on CPU and Triton's interpreter on CPU in CI —
-and ``triton_op`` would let inductor trace into the kernels, which only works for compiled CUDA
-kernels; our kernels are already fused, so inductor has nothing to gain from seeing inside them.
-``custom_op`` gives opaque nodes with fake (meta) implementations, so ``torch.compile(fullgraph=True)``
-sees no graph break around them. A CPU export (an AOTInductor package of aten ops) decomposes each
-op through ``kernels.cpu_decompositions()`` (``kernels/_backend.py``), which traces its torch path on
-fake tensors, rather than through ``triton_op``.
+Registration (``kernels._backend.TritonCustomOp``, as every op): one op, ``torch.ops.mrcnn.multiscale_roi_align``
+(and its ``_backward``), serves ``roi_align`` too, as one level. It is a ``triton_op``, which a compiled CUDA graph
+traces into, launching the Triton kernels from inductor's generated code (an AOTInductor package then holds
+them); CPU calls and the interpreter go through the opaque ``mrcnn::multiscale_roi_align_opaque``. A CPU export
+decomposes the op through ``kernels.cpu_decompositions()``.
 
 Results for inputs torchvision leaves undefined (documented and tested):
 * a RoI whose batch index is not in ``[0, N)``, whose coordinates are not finite, whose ``valid`` flag
@@ -44,6 +41,7 @@ from ._backend import (
     check_sampling_ratio,
     check_tensor,
     register_autocast,
+    triton_custom_op,
 )
 from ._roi_align_kernels import MAX_LEVELS, backward_triton, forward_triton
 from ._roi_align_torch import backward_torch, forward_torch
@@ -125,112 +123,12 @@ def _channels_last(t: Tensor) -> bool:
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _dispatch_forward(features, rois, valid, scales, pooled, sampling_ratio, aligned, pool_mode, canonical):
-    _validate(features, rois, valid, scales, pooled, pool_mode, sampling_ratio, canonical)
-    impl = forward_triton if backend_for(features[0]) == "triton" else forward_torch
-    return impl(features, rois, valid, scales, pooled, sampling_ratio, aligned, pool_mode == "max", canonical)
-
-
-def _fake_forward(features, rois, pooled, pool_mode):
-    K, C = rois.shape[0], features[0].shape[1]
-    out = features[0].new_empty((K, C, *pooled))
-    argmax = rois.new_empty((K, C, *pooled) if pool_mode == "max" else (0,), dtype=torch.int32)
-    return out, argmax
-
-
-def _dispatch_backward(grad, rois, valid, argmax, level_shapes, batch_size, channels_last, scales, pooled,
-                       sampling_ratio, aligned, pool_mode, canonical):  # fmt: skip
-    args = (grad, rois, valid, argmax, level_shapes, batch_size, channels_last, scales, pooled, sampling_ratio,
-            aligned, pool_mode == "max", canonical)  # fmt: skip
-    if backend_for(grad) == "triton":
-        return backward_triton(*args, deterministic=torch.are_deterministic_algorithms_enabled())
-    return backward_torch(*args)
-
-
 # ----------------------------------------------------------------------------------------------
-# Single level: mrcnn::roi_align
+# One op for one or several levels: mrcnn::multiscale_roi_align (roi_align is one level of it)
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mrcnn::roi_align", mutates_args=())
-def _roi_align_op(
-    input: Tensor,
-    rois: Tensor,
-    spatial_scale: float,
-    pooled_height: int,
-    pooled_width: int,
-    sampling_ratio: int,
-    aligned: bool,
-    pool_mode: str,
-) -> tuple[Tensor, Tensor]:
-    """``(output [K, C, PH, PW], argmax [K, C, PH, PW] int32 in max mode, else [0])``."""
-    pooled = (pooled_height, pooled_width)
-    return _dispatch_forward([input], rois, None, [spatial_scale], pooled, sampling_ratio, aligned, pool_mode,
-                             CANONICAL)  # fmt: skip
-
-
-@_roi_align_op.register_fake
-def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode):
-    pooled = (pooled_height, pooled_width)
-    _validate([input], rois, None, [spatial_scale], pooled, pool_mode, sampling_ratio, CANONICAL)
-    return _fake_forward([input], rois, pooled, pool_mode)
-
-
-@torch.library.custom_op("mrcnn::roi_align_backward", mutates_args=())
-def _roi_align_backward_op(
-    grad: Tensor,
-    rois: Tensor,
-    argmax: Tensor,
-    spatial_scale: float,
-    pooled_height: int,
-    pooled_width: int,
-    sampling_ratio: int,
-    aligned: bool,
-    pool_mode: str,
-    batch_size: int,
-    height: int,
-    width: int,
-    channels_last: bool,
-) -> Tensor:
-    """Gradient of ``roi_align`` w.r.t. its input: ``[batch_size, C, height, width]``."""
-    return _dispatch_backward(grad, rois, None, argmax, [(height, width)], batch_size, channels_last,
-                              [spatial_scale], (pooled_height, pooled_width), sampling_ratio, aligned, pool_mode,
-                              CANONICAL)[0]  # fmt: skip
-
-
-@_roi_align_backward_op.register_fake
-def _(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode,
-      batch_size, height, width, channels_last):  # fmt: skip
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return grad.new_empty((batch_size, grad.shape[1], height, width)).contiguous(memory_format=fmt)
-
-
-def _roi_align_setup_context(ctx, inputs, output):
-    input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode = inputs
-    ctx.save_for_backward(rois, output[1])
-    ctx.args = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode)
-    ctx.shape = (input.shape[0], input.shape[2], input.shape[3], _channels_last(input))
-
-
-def _roi_align_backward(ctx, grad, _grad_argmax):
-    rois, argmax = ctx.saved_tensors
-    grad_input = torch.ops.mrcnn.roi_align_backward(grad, rois, argmax, *ctx.args, *ctx.shape)
-    return grad_input, None, None, None, None, None, None, None
-
-
-_roi_align_op.register_autograd(_roi_align_backward, setup_context=_roi_align_setup_context)
-# Under autocast the features keep their dtype (torchvision casts them to float32 and the result back): our
-# half kernels accumulate in float32 and round once, as that round trip does, without a float32 copy of the maps.
-register_autocast("roi_align", upcast=False)
-register_autocast("roi_align_backward", upcast=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Several levels, one launch: mrcnn::multiscale_roi_align
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("mrcnn::multiscale_roi_align", mutates_args=())
+@triton_custom_op("multiscale_roi_align")
 def _multiscale_op(
     features: list[Tensor],
     rois: Tensor,
@@ -244,9 +142,12 @@ def _multiscale_op(
     canonical_scale: float,
     canonical_level: float,
 ) -> tuple[Tensor, Tensor]:
-    """``(output [K, C, PH, PW], argmax)``, each RoI pooled from its level (see ``multiscale_roi_align``)."""
-    return _dispatch_forward(features, rois, valid, scales, (pooled_height, pooled_width), sampling_ratio, aligned,
-                             pool_mode, (canonical_scale, canonical_level))  # fmt: skip
+    """``(output [K, C, PH, PW], argmax [K, C, PH, PW] int32 in max mode, else [0])``, each RoI pooled from its
+    level (see ``multiscale_roi_align``)."""
+    pooled, canonical = (pooled_height, pooled_width), (canonical_scale, canonical_level)
+    _validate(features, rois, valid, scales, pooled, pool_mode, sampling_ratio, canonical)
+    impl = forward_triton if backend_for(features[0]) == "triton" else forward_torch
+    return impl(features, rois, valid, scales, pooled, sampling_ratio, aligned, pool_mode == "max", canonical)
 
 
 @_multiscale_op.register_fake
@@ -254,10 +155,13 @@ def _(features, rois, valid, scales, pooled_height, pooled_width, sampling_ratio
       canonical_scale, canonical_level):  # fmt: skip
     pooled = (pooled_height, pooled_width)
     _validate(features, rois, valid, scales, pooled, pool_mode, sampling_ratio, (canonical_scale, canonical_level))
-    return _fake_forward(features, rois, pooled, pool_mode)
+    K, C = rois.shape[0], features[0].shape[1]
+    out = features[0].new_empty((K, C, *pooled))
+    argmax = rois.new_empty((K, C, *pooled) if pool_mode == "max" else (0,), dtype=torch.int32)
+    return out, argmax
 
 
-@torch.library.custom_op("mrcnn::multiscale_roi_align_backward", mutates_args=())
+@triton_custom_op("multiscale_roi_align_backward")
 def _multiscale_backward_op(
     grad: Tensor,
     rois: Tensor,
@@ -277,9 +181,11 @@ def _multiscale_backward_op(
 ) -> list[Tensor]:
     """Gradients w.r.t. every level ``[batch_size, C, H_l, W_l]``; ``level_sizes`` is ``[H_0, W_0, H_1, ...]``."""
     shapes = list(zip(level_sizes[0::2], level_sizes[1::2], strict=True))
-    return _dispatch_backward(grad, rois, valid, argmax, shapes, batch_size, channels_last, scales,
-                              (pooled_height, pooled_width), sampling_ratio, aligned, pool_mode,
-                              (canonical_scale, canonical_level))  # fmt: skip
+    args = (grad, rois, valid, argmax, shapes, batch_size, channels_last, scales, (pooled_height, pooled_width),
+            sampling_ratio, aligned, pool_mode == "max", (canonical_scale, canonical_level))  # fmt: skip
+    if backend_for(grad) == "triton":
+        return backward_triton(*args, deterministic=torch.are_deterministic_algorithms_enabled())
+    return backward_torch(*args)
 
 
 @_multiscale_backward_op.register_fake
@@ -392,8 +298,13 @@ def roi_align(
         output_size = _pair(output_size)
         sampling_ratio = check_sampling_ratio(sampling_ratio)
     rois = _boxes_to_rois(boxes, input)
-    return torch.ops.mrcnn.roi_align(
-        input, rois, float(spatial_scale), output_size[0], output_size[1], sampling_ratio, bool(aligned), pool_mode
+    # One level of the multi-level op: with one level it maps no RoI to a level (as torchvision's
+    # MultiScaleRoIAlign, which then calls roi_align), so it is exactly roi_align; one registration serves both.
+    # The level mapper's arguments are unused; they are CANONICAL's values, written out because TorchScript
+    # cannot read a global.
+    return torch.ops.mrcnn.multiscale_roi_align(
+        [input], rois, None, [float(spatial_scale)], output_size[0], output_size[1], sampling_ratio, bool(aligned),
+        pool_mode, 224.0, 4.0,
     )[0]
 
 

@@ -7,14 +7,19 @@ from torch import Tensor
 
 
 def cell_anchors(size: int, aspect_ratios: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``Tensor[A, 4]`` zero-centred anchors of one level, rounded as torchvision's ``generate_anchors``."""
-    scales = torch.as_tensor([size], dtype=dtype, device=device)
-    ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+    """``Tensor[A, 4]`` zero-centred anchors of one level, rounded as torchvision's ``generate_anchors``.
+
+    Computed on the CPU (a handful of IEEE-exact operations, the same values on any device) and moved: a tensor
+    built from Python numbers directly on a CUDA device cannot be traced over fake CUDA tensors without a GPU
+    (``tests/kernels/fake_cuda_graphs.py``).
+    """
+    scales = torch.as_tensor([size], dtype=dtype)
+    ratios = torch.as_tensor(aspect_ratios, dtype=dtype)
     h_ratios = torch.sqrt(ratios)
     w_ratios = 1 / h_ratios
     ws = (w_ratios[:, None] * scales[None, :]).view(-1)
     hs = (h_ratios[:, None] * scales[None, :]).view(-1)
-    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round().to(device)
 
 
 def grid_anchors(

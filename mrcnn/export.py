@@ -13,12 +13,15 @@ It needs neither ``kernels`` nor ``mrcnn``: ``torch._inductor.aoti_load_package(
 Shapes are fixed at export (``--batch-size``, ``--image-size``): ``MaskRCNN.forward`` has no data-dependent
 shape, but its top-k sizes are ``min(k, anchors)``, which depend on the image size. Pad a smaller image to the
 exported size with zeros after normalisation (as ``collate`` pads) and give its own size in ``image_sizes``: one
-package serves every image up to that size. The batch is specialized too (``torch.export`` keeps the example's
-when asked for a dynamic one): pad a smaller batch. The package does not check its inputs' shapes.
+package serves every image up to that size. The batch is specialized too: ``torch.export`` keeps a dynamic batch,
+but ``run_decompositions`` with our ops' table fixes it to the example's (README, Export): pad a smaller batch.
+The package does not check its inputs' shapes.
 
 On CPU every op is decomposed into aten ops (``kernels.cpu_decompositions()``: each op's torch path traced on
 fake tensors), so the package holds compiled C++ only. RoIAlign must then use a fixed ``sampling_ratio``
-(torchvision's Mask R-CNN uses 2): the adaptive grid's size is data-dependent.
+(torchvision's Mask R-CNN uses 2): the adaptive grid's size is data-dependent. On CUDA the ops are
+``triton_op``s: AOTInductor traces into them and compiles our Triton kernels into the package (NMS excepted on
+torch 2.12-2.14: ``kernels._backend.LINEAR_KERNEL_ANALYSIS``).
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ def _mask_loss_call(sampling_ratio: object) -> torch.Tensor:
 SAMPLING_CALLS = {
     "roi_align": lambda sr: roi_align(_features()[0], torch.tensor([[0.0, 0, 0, 8, 8]]), 2, 1.0, sr),
     "RoIAlign": lambda sr: RoIAlign(2, 1.0, sr)(_features()[0], torch.tensor([[0.0, 0, 0, 8, 8]])),
-    "op": lambda sr: torch.ops.mrcnn.roi_align(_features()[0], torch.tensor([[0.0, 0, 0, 8, 8]]), 1.0, 2, 2, sr,
-                                               False, "avg")[0],  # fmt: skip
+    "op": lambda sr: torch.ops.mrcnn.multiscale_roi_align(_features(), torch.tensor([[0.0, 0, 0, 8, 8]]), None, [1.0],
+                                                          2, 2, sr, False, "avg", 224.0, 4.0)[0],  # fmt: skip
     "multiscale": lambda sr: multiscale_roi_align(_features(2), torch.tensor([[0.0, 0, 0, 8, 8]]), 2, [1.0, 0.5], sr),
     "MultiScaleRoIAlign": lambda sr: MultiScaleRoIAlign(["a"], 2, sr)(
         {"a": _features()[0]}, [torch.tensor([[0.0, 0, 8, 8]])], [(16, 16)]

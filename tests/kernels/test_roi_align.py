@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kernels._backend import use_backend
-from kernels.roi_align import RoIAlign, roi_align
+from kernels.roi_align import CANONICAL, RoIAlign, roi_align
 from tests.kernels.roi_align_tiles import bins_fast_tiles
 from tests.reference import (
     boxes_to_rois,
@@ -27,6 +27,13 @@ from tests.reference import (
     roi_align_ref_backward,
 )
 from tests.tolerances import tol
+
+
+def _roi_align_op(x: torch.Tensor, rois: torch.Tensor, scale: float, ph: int, pw: int, sampling_ratio: int,
+                  aligned: bool, pool_mode: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(output, argmax)`` of the registered op that ``roi_align`` calls: the multi-level op with one level."""
+    return torch.ops.mrcnn.multiscale_roi_align([x], rois, None, [scale], ph, pw, sampling_ratio, aligned, pool_mode,
+                                                *CANONICAL)  # fmt: skip
 
 # The interpreter emulates float ops with numpy, which warns on the inf/NaN coordinates of the invalid-RoI tests.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -135,7 +142,7 @@ def test_golden_avg_gradient(backend: str) -> None:
 def test_golden_max(backend: str) -> None:
     x = golden_map(torch.float64).requires_grad_(True)
     box_a = torch.tensor([[0, 0.5, 0.5, 2.5, 2.5]], dtype=torch.float64)
-    out, argmax = torch.ops.mrcnn.roi_align(x, box_a, 1.0, 2, 2, 2, False, "max")
+    out, argmax = _roi_align_op(x, box_a, 1.0, 2, 2, 2, False, "max")
     torch.testing.assert_close(out.detach(), torch.tensor([[[[3.0, 4.0], [6.5, 7.5]]]], dtype=torch.float64))
     assert argmax.dtype == torch.int32 and argmax.shape == (1, 1, 2, 2)
     assert argmax.eq(3).all()
@@ -147,11 +154,11 @@ def test_golden_max(backend: str) -> None:
     expected = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
     expected[0, 0, 3, 3] = 1.0
     torch.testing.assert_close(gx, expected)
-    _, argmax = torch.ops.mrcnn.roi_align(x.detach(), box_b, 1.0, 1, 1, -1, False, "max")
+    _, argmax = _roi_align_op(x.detach(), box_b, 1.0, 1, 1, -1, False, "max")
     assert argmax.item() == 4
 
     neg = (-golden_map(torch.float64)).requires_grad_(True)
-    out, argmax = torch.ops.mrcnn.roi_align(neg, box_b, 1.0, 1, 1, -1, False, "max")
+    out, argmax = _roi_align_op(neg, box_b, 1.0, 1, 1, -1, False, "max")
     assert out.item() == 0.0 and argmax.item() == 2
     (gx,) = torch.autograd.grad(out, neg, torch.ones_like(out))
     assert gx.eq(0).all()
@@ -159,7 +166,7 @@ def test_golden_max(backend: str) -> None:
 
 def test_avg_mode_returns_empty_argmax(backend: str) -> None:
     x = golden_map(torch.float32)
-    out, argmax = torch.ops.mrcnn.roi_align(x, torch.tensor([[0, 0.5, 0.5, 2.5, 2.5]]), 1.0, 2, 2, 2, False, "avg")
+    out, argmax = _roi_align_op(x, torch.tensor([[0, 0.5, 0.5, 2.5, 2.5]]), 1.0, 2, 2, 2, False, "avg")
     assert out.shape == (1, 1, 2, 2)
     assert argmax.dtype == torch.int32 and argmax.shape == (0,)
 
@@ -249,7 +256,7 @@ def test_max_mode_argmax_float64(backend: str) -> None:
     x = torch.randn(1, 3, 6, 7, dtype=torch.float64)
     rois = random_rois(1, 6, 6, 7, 1.0, torch.float64)
     for aligned in (False, True):
-        out, argmax = torch.ops.mrcnn.roi_align(x, rois, 1.0, 2, 3, -1, aligned, "max")
+        out, argmax = _roi_align_op(x, rois, 1.0, 2, 3, -1, aligned, "max")
         torch.testing.assert_close(out, roi_align_ref(x, rois, 2, 3, 1.0, -1, aligned, "max"), **tol(torch.float64))
         ref_argmax = roi_align_ref_argmax(x, rois, 2, 3, 1.0, -1, aligned)
         has_sample = ref_argmax >= 0
@@ -262,7 +269,7 @@ def test_max_mode_ties_first_wins(backend: str) -> None:
     and every interpolated value (exactly 3) are exact in floating point."""
     x = torch.full((1, 2, 5, 5), 3.0, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0, 0.5, 0.5, 4.5, 4.5]], dtype=torch.float64)
-    out, argmax = torch.ops.mrcnn.roi_align(x, rois, 1.0, 2, 2, 4, False, "max")
+    out, argmax = _roi_align_op(x, rois, 1.0, 2, 2, 4, False, "max")
     assert argmax.eq(0).all()
     assert out.detach().eq(3.0).all()
     (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
@@ -543,18 +550,20 @@ def test_deterministic_backward(backend: str, pool_mode: str, dtype: torch.dtype
 def test_opcheck(backend: str, pool_mode: str, aligned: bool) -> None:
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0, 0.5, 0.6, 4.2, 3.9], [0, 1.5, -0.5, 3.0, 4.5]], dtype=torch.float64)
-    torch.library.opcheck(torch.ops.mrcnn.roi_align.default, (x, rois, 1.0, 2, 2, 2, aligned, pool_mode))
+    args = ([x], rois, None, [1.0], 2, 2, 2, aligned, pool_mode, *CANONICAL)
+    torch.library.opcheck(torch.ops.mrcnn.multiscale_roi_align.default, args)
 
 
 @pytest.mark.parametrize("pool_mode", ["avg", "max"])
 def test_opcheck_backward_op(backend: str, pool_mode: str) -> None:
-    """The registered backward op (reached through autograd) on its own: schema, fake tensor, dispatch."""
+    """The registered backward op (reached through autograd) on its own, at one level: schema, fake tensor,
+    dispatch."""
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
     rois = torch.tensor([[0, 0.5, 0.6, 4.2, 3.9], [0, 1.5, -0.5, 3.0, 4.5]], dtype=torch.float64)
-    _, argmax = torch.ops.mrcnn.roi_align(x, rois, 1.0, 2, 2, 2, False, pool_mode)
+    _, argmax = _roi_align_op(x, rois, 1.0, 2, 2, 2, False, pool_mode)
     grad = torch.randn(2, 2, 2, 2, dtype=torch.float64)
-    args = (grad, rois, argmax, 1.0, 2, 2, 2, False, pool_mode, 1, 5, 6, False)
-    torch.library.opcheck(torch.ops.mrcnn.roi_align_backward.default, args)
+    args = (grad, rois, None, argmax, [1.0], 2, 2, 2, False, pool_mode, *CANONICAL, 1, [5, 6], False)
+    torch.library.opcheck(torch.ops.mrcnn.multiscale_roi_align_backward.default, args)
 
 
 def test_compile_fullgraph() -> None:

@@ -24,7 +24,7 @@ roi_align_torch = importlib.import_module("kernels._roi_align_torch")
 # What mrcnn.export uses, plus the backward op (not in a package: only the eval graph is exported).
 DECOMPOSITIONS = {
     **kernels.cpu_decompositions(),
-    torch.ops.mrcnn.multiscale_roi_align_backward.default: roi_align_module._multiscale_backward_op._init_fn,
+    torch.ops.mrcnn.multiscale_roi_align_backward.default: roi_align_module._multiscale_backward_op.impl,
 }
 SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
 
