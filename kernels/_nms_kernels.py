@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._backend import autotune_configs
-from ._triton_utils import ieee_div, loop_bound, offset64, round_to, wrap_triton
+from ._triton_utils import ieee_div, loop_bound, mul_rn, offset64, round_to, wrap_triton
 
 WORD = 64  # bits per mask word (int64) = boxes per block of the sweep
 _OUT_BLOCK = 1024
@@ -117,9 +117,9 @@ def _nms_mask_kernel(
         # dtype. All roundings are no-ops for float32/float64.
         iw = round_to(tl.minimum(ax2[:, None], cx2[None, :]) - tl.maximum(ax1[:, None], cx1[None, :]), BOX)
         ih = round_to(tl.minimum(ay2[:, None], cy2[None, :]) - tl.maximum(ay1[:, None], cy1[None, :]), BOX)
-        inter = tl.maximum(iw, 0.0) * tl.maximum(ih, 0.0)
-        area_a = (ax2 - ax1) * round_to(ay2 - ay1, BOX)
-        area_c = (cx2 - cx1) * round_to(cy2 - cy1, BOX)
+        inter = mul_rn(tl.maximum(iw, 0.0), tl.maximum(ih, 0.0))
+        area_a = mul_rn(ax2 - ax1, round_to(ay2 - ay1, BOX))
+        area_c = mul_rn(cx2 - cx1, round_to(cy2 - cy1, BOX))
         iou = ieee_div(inter, area_a[:, None] + area_c[None, :] - inter)
         bits = (iou > tl.full((), iou_threshold, ACC)) & (cols[None, :] > rows[:, None]) & col_ok[None, :]
         if HAS_IDXS:
@@ -227,7 +227,6 @@ def forward_triton(
         ix.stride(0), ix.stride(1), mask.stride(0), mask.stride(1), mask.stride(2),
         threshold,
         HAS_IDXS=idxs is not None, WORD=WORD,
-        enable_fp_fusion=False,  # no FMA: IoUs rounded operation by operation
     )  # fmt: skip
     words_pad = max(16, triton.next_power_of_2(num_words))
     v = valid if valid is not None else keep_valid

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._backend import autotune_configs, tl_acc_dtype
 from ._sampling_kernels import is_finite
-from ._triton_utils import offset64, round_to, wrap_triton
+from ._triton_utils import mul_rn, offset64, round_to, wrap_triton
 
 # Box coordinates are clamped to this before the float -> int64 conversion, which is undefined
 # out of range; box sizes (``X2 - X1 + 1``) then still fit in int64.
@@ -51,8 +51,8 @@ def _expanded_box(boxes_ptr, boxes_stride_d, boxes_stride_c, d, mask_w, padding,
     # torch stores every intermediate of expand_boxes in the boxes' dtype: each is rounded to it.
     w_half = round_to(round_to(x2 - x1, BOX_DTYPE) * 0.5, BOX_DTYPE)
     h_half = round_to(round_to(y2 - y1, BOX_DTYPE) * 0.5, BOX_DTYPE)
-    w_half = round_to(w_half * scale, BOX_DTYPE)
-    h_half = round_to(h_half * scale, BOX_DTYPE)
+    w_half = round_to(mul_rn(w_half, scale), BOX_DTYPE)
+    h_half = round_to(mul_rn(h_half, scale), BOX_DTYPE)
     x_c = round_to(round_to(x2 + x1, BOX_DTYPE) * 0.5, BOX_DTYPE)
     y_c = round_to(round_to(y2 + y1, BOX_DTYPE) * 0.5, BOX_DTYPE)
     ex1 = round_to(x_c - w_half, BOX_DTYPE)
@@ -82,7 +82,7 @@ def _axis(pix, lo, hi, image_size, mask_size, padding, ACC: tl.constexpr):
     # ATen's float(P) / h in the math dtype: the float64 quotient rounded once more is the correctly
     # rounded float32 quotient (53 >= 2 * 24 + 2), and Triton's float32 '/' is not correctly rounded.
     scale = (padded.to(tl.float64) / out_size.to(tl.float64)).to(ACC)
-    src = scale * ((pix - lo).to(ACC) + 0.5) - 0.5
+    src = mul_rn(scale, (pix - lo).to(ACC) + 0.5) - 0.5
     # Outside the window src is meaningless (and may be huge): pin it to 0 before any int conversion.
     src = tl.where(inside, tl.maximum(src, 0.0), 0.0)
     i0 = tl.minimum(src.to(tl.int64), padded - 1)
@@ -115,10 +115,11 @@ def _resize_tile(mask_ptr, mask_stride_h, mask_stride_w, rows, cols, X1, Y1, X2,
     v10 = tl.load(row1 + col0, mask=window & y1_in[:, None] & x0_in[None, :], other=0.0).to(ACC)
     v11 = tl.load(row1 + col1, mask=window & y1_in[:, None] & x1_in[None, :], other=0.0).to(ACC)
     # ATen's order: interpolate along x within each source row, then between the two rows. Outside the
-    # window all four values are 0 (masked loads; the weights there are finite), so the result is 0.
-    top = lx0[None, :] * v00 + lx1[None, :] * v01
-    bottom = lx0[None, :] * v10 + lx1[None, :] * v11
-    return ly0[:, None] * top + ly1[:, None] * bottom
+    # window all four values are 0 (masked loads; the weights there are finite), so the result is 0. No FMA:
+    # the threshold's compiled variant then rounds as the soft one does, bit for bit.
+    top = mul_rn(lx0[None, :], v00) + mul_rn(lx1[None, :], v01)
+    bottom = mul_rn(lx0[None, :], v10) + mul_rn(lx1[None, :], v11)
+    return mul_rn(ly0[:, None], top) + mul_rn(ly1[:, None], bottom)
 
 
 # The key is the launcher's tile (powers of two up to 32 x 128, from the image size), never the mask count.
@@ -223,6 +224,5 @@ def forward_triton(
         BLOCK_H=block_h, BLOCK_W=block_w, HAS_VALID=valid is not None,
         HAS_THRESHOLD=threshold is not None, THRESHOLD=rounded_threshold,
         ACC=tl_acc_dtype(masks.dtype), BOX_ACC=tl_acc_dtype(boxes.dtype),
-        enable_fp_fusion=False,
     )  # fmt: skip
     return out

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from ._backend import INTERPRET
 
-__all__ = ["cast_rn", "ieee_div", "loop_bound", "offset64", "round_to", "wrap_triton"]
+__all__ = ["cast_rn", "ieee_div", "loop_bound", "mul_rn", "offset64", "round_to", "wrap_triton"]
 
 
 def wrap_triton(kernel: object) -> object:
@@ -47,6 +48,26 @@ else:
     def loop_bound(n):
         """The identity when compiled: inlined, so the compiled code is the same as ``range(n)``."""
         return n
+
+
+if INTERPRET:
+
+    @triton.jit
+    def mul_rn(x, y):
+        """``x * y`` (numpy, under the interpreter, never fuses a product into an add)."""
+        return x * y
+
+else:
+
+    @triton.jit
+    def mul_rn(x, y):
+        """``x * y`` rounded to nearest, never contracted with a following add into an FMA (PTX ``mul.rn``).
+
+        Where a kernel must round like torch's separate kernels (NMS's IoU, paste's box expansion), every
+        inexact product feeding an add goes through this, so the compiled code does not depend on the launch's
+        ``enable_fp_fusion=False``, which inductor does not pass on when it launches a user kernel itself.
+        """
+        return libdevice.mul_rn(x, y)
 
 
 @triton.jit

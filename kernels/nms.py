@@ -10,7 +10,7 @@ boxes' dtype, ``inter = w * h`` and areas in float32 (float64 for float64), ``Io
 area_j - inter)`` divided with IEEE rounding. The threshold is compared as torchvision does on the same
 device: its CPU kernel compares the float32 IoU with the float64 threshold (we compare with the largest
 float32 not above it, which decides the same), its CUDA kernel with ``float(threshold)``. Our mask kernel
-is compiled without FMA contraction (``enable_fp_fusion=False``); nvcc may contract torchvision's
+has no FMA contraction (its products are ``mul_rn``, whoever compiles it); nvcc may contract torchvision's
 ``area_i + area_j`` into an FMA, so on CUDA an IoU within an ulp of the threshold may be decided
 differently. On CPU the results are bit-identical. Half inputs follow torchvision's CUDA kernel (its CPU
 kernel has none); bfloat16 (neither has one) follows the same rule.

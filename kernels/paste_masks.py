@@ -17,10 +17,10 @@ Math (``torchvision.models.detection.roi_heads``; we reproduce it, rounding step
   ``out = l0_y (l0_x m[i0y, i0x] + l1_x m[i0y, i1x]) + l1_y (l0_x m[i1y, i0x] + l1_x m[i1y, i1x])``.
 
 The integer box is a discontinuous function of the float math, so the box expansion must match
-torch op for op: the kernel rounds every intermediate to the boxes' dtype, and it is compiled with
-``enable_fp_fusion=False`` because torch runs each op as its own kernel (a fused ``x_c - w_half * s``
-would round once and could move a box edge by a pixel). The resize itself is continuous in its
-inputs, so it only has to agree to the dtype's precision.
+torch op for op: the kernel rounds every intermediate to the boxes' dtype, and its inexact products are
+``mul_rn`` (never fused into an FMA, whoever compiles the kernel) because torch runs each op as its own kernel
+(a fused ``x_c - w_half * s`` would round once and could move a box edge by a pixel). The resize itself is
+continuous in its inputs, so it only has to agree to the dtype's precision.
 
 Kernel and its layout: ``_paste_masks_kernels``; the CPU torch path (the same resize as two batched
 matmuls ``Wy M Wx^T``): ``_paste_masks_torch``.
