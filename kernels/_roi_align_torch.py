@@ -181,13 +181,16 @@ def _corners(
     rows = y[:, None, :, None, :, None] + x[None, :, None, :, None, :]
     weights = wy[:, None, :, None, :, None] * wx[None, :, None, :, None, :]
     # contiguous(): with a single bin and a 1-wide grid, permute + reshape is a strided view (max mode views it).
-    bags = len(plan.base) * PH * PW
+    bags = plan.base.shape[0] * PH * PW  # not len(): an int, which would specialize a dynamic batch
     rows, weights = (t.permute(6, 0, 1, 2, 3, 4, 5).contiguous().view(bags, -1) for t in (rows, weights))
     return rows, weights
 
 
-def _chunks(K: int, per_roi: int) -> list[slice]:
-    """Static ranges of RoIs whose intermediates of ``per_roi`` values per RoI stay under ``_CHUNK_ELEMENTS``."""
+def _chunks(K: int | torch.SymInt, per_roi: int) -> list[slice]:
+    """Static ranges of RoIs whose intermediates of ``per_roi`` values per RoI stay under ``_CHUNK_ELEMENTS``; one
+    range when ``K`` is symbolic (an export with a dynamic batch), which a loop over it would specialize."""
+    if not isinstance(K, int):
+        return [slice(None)]
     step = max(1, _CHUNK_ELEMENTS // max(per_roi, 1))
     return [slice(k, k + step) for k in range(0, K, step)]
 

@@ -10,12 +10,12 @@ five ``Detections`` fields ``(boxes [B, D, 4], scores [B, D], labels [B, D], mas
 in the padded image's pixels. Normalisation (mean/std) and resizing are *not* inside it: ``collate`` does them.
 It needs neither ``kernels`` nor ``mrcnn``: ``torch._inductor.aoti_load_package(path)`` in a bare process.
 
-Shapes are fixed at export (``--batch-size``, ``--image-size``): ``MaskRCNN.forward`` has no data-dependent
-shape, but its top-k sizes are ``min(k, anchors)``, which depend on the image size. Pad a smaller image to the
-exported size with zeros after normalisation (as ``collate`` pads) and give its own size in ``image_sizes``: one
-package serves every image up to that size. The batch is specialized too: ``torch.export`` keeps a dynamic batch,
-but ``run_decompositions`` with our ops' table fixes it to the example's (README, Export): pad a smaller batch.
-The package does not check its inputs' shapes.
+The batch is dynamic: ``--batch-size B`` is the largest batch the package takes, and it takes any batch of 1 to
+``B`` images (``B = 1`` exports a fixed batch of one). The image size is fixed at export (``--image-size``):
+``MaskRCNN.forward`` has no data-dependent shape, but its top-k sizes are ``min(k, anchors)``, which depend on
+the image size. Pad a smaller image to the exported size with zeros after normalisation (as ``collate`` pads)
+and give its own size in ``image_sizes``: one package serves every image up to that size. The package does not
+check its inputs' shapes.
 
 On CPU every op is decomposed into aten ops (``kernels.cpu_decompositions()``: each op's torch path traced on
 fake tensors), so the package holds compiled C++ only. RoIAlign must then use a fixed ``sampling_ratio``
@@ -80,15 +80,20 @@ def example_inputs(
 def export_program(
     model: MaskRCNN, batch_size: int = 1, image_size: tuple[int, int] = (800, 1344), device: str = "cpu"
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``model`` (eval mode) on ``device``; on CPU with every op decomposed into aten ops."""
+    """``torch.export`` of ``model`` (eval mode) on ``device`` for batches of 1 to ``batch_size`` images of
+    ``image_size``; on CPU with every op decomposed into aten ops."""
     dev = torch.device(device)
     _check(model, batch_size, tuple(image_size), dev)
     wrapped = _Outputs(model.to(dev))
-    args = example_inputs(batch_size, tuple(image_size), dev)
+    # An example batch of 2 for a dynamic batch: torch.export specializes a dimension of size 1.
+    args = example_inputs(min(batch_size, 2), tuple(image_size), dev)
+    batch = torch.export.Dim("batch", min=1, max=batch_size) if batch_size > 1 else None
+    dynamic = ({0: batch}, {0: batch}) if batch is not None else None
     if dev.type == "cuda":
-        return torch.export.export(wrapped, args, strict=False)
+        return torch.export.export(wrapped, args, dynamic_shapes=dynamic, strict=False)
     with kernels.use_backend("torch"):
-        return torch.export.export(wrapped, args, strict=False).run_decompositions(kernels.cpu_decompositions())
+        program = torch.export.export(wrapped, args, dynamic_shapes=dynamic, strict=False)
+        return program.run_decompositions(kernels.cpu_decompositions())
 
 
 def package_info(model: MaskRCNN, batch_size: int, image_size: tuple[int, int], device: str,
@@ -99,12 +104,12 @@ def package_info(model: MaskRCNN, batch_size: int, image_size: tuple[int, int], 
         "format": "mrcnn-aoti-1",
         "device": str(torch.device(device).type),
         "inputs": {
-            "images": f"float32 [{batch_size}, 3, {image_size[0]}, {image_size[1]}]: resized, normalised with "
-            "image_mean/image_std, then zero-padded (mrcnn.collate)",
-            "image_sizes": f"int64 [{batch_size}, 2]: (h, w) of each resized image before padding",
+            "images": f"float32 [B, 3, {image_size[0]}, {image_size[1]}], 1 <= B <= {batch_size}: resized, "
+            "normalised with image_mean/image_std, then zero-padded (mrcnn.collate)",
+            "image_sizes": "int64 [B, 2]: (h, w) of each resized image before padding",
         },
         "outputs": ["boxes", "scores", "labels", "masks", "valid"],
-        "batch_size": batch_size,
+        "max_batch_size": batch_size,
         "image_size": list(image_size),
         "normalisation_inside": False,
         "image_mean": list(cfg.image_mean),
@@ -145,7 +150,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="our checkpoint.pt or a torchvision Mask R-CNN one")
     p.add_argument("--out", required=True, help="the package to write, e.g. model.pt2")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the package runs")
-    p.add_argument("--batch-size", type=int, default=1, help="images per call")
+    p.add_argument("--batch-size", type=int, default=1, help="the most images per call (any batch from 1 up)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="padded input size, multiples of size_divisible (default: max_size rounded up, "
                    "square)")  # fmt: skip

@@ -29,6 +29,7 @@ TINY = dict(
     rpn_post_nms_top_n_test=60, box_score_thresh=0.0, detections_per_img=12, box_candidates_per_img=80,
 )  # fmt: skip
 SIZE = (128, 160)
+MAX_BATCH = 3  # the package's batch is dynamic, 1 to MAX_BATCH images (exported from an example of 2)
 # Runs before anything else in a bare process: neither of our packages can be imported.
 NO_PROJECT = "import sys; sys.modules['kernels'] = sys.modules['mrcnn'] = None\n"
 
@@ -45,7 +46,7 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ckpt = folder / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "classes": ["bg", "a", "b", "c"]},
                ckpt)  # fmt: skip
-    return main(["--checkpoint", str(ckpt), "--out", str(folder / "model.pt2"), "--batch-size", "2",
+    return main(["--checkpoint", str(ckpt), "--out", str(folder / "model.pt2"), "--batch-size", str(MAX_BATCH),
                  "--image-size", *map(str, SIZE)])  # fmt: skip
 
 
@@ -57,10 +58,14 @@ def _run_bare(code: str, cwd: Path) -> str:
     return done.stdout
 
 
-def test_package_contract_matches_eager(package: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [1, 2, MAX_BATCH])
+def test_package_contract_matches_eager(package: Path, tmp_path: Path, batch: int) -> None:
+    """Any batch up to the exported one, in a process that cannot import our packages, gives eager's detections."""
     model = _model()
-    gen = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 100, 140, generator=gen), torch.rand(3, 90, 150, generator=gen)]
+    gen = torch.Generator().manual_seed(batch)
+    heights = torch.randint(80, 128, (batch,), generator=gen).tolist()
+    widths = torch.randint(100, 160, (batch,), generator=gen).tolist()
+    images = [torch.rand(3, h, w, generator=gen) for h, w in zip(heights, widths, strict=True)]
     x, sizes, _ = model.collate(images)
     x = torch.nn.functional.pad(x, (0, SIZE[1] - x.shape[3], 0, SIZE[0] - x.shape[2]))
     with torch.no_grad():
@@ -75,6 +80,7 @@ torch.save([t.clone() for t in runner(x, sizes)], "outputs.pt")
 assert not hasattr(torch.ops, "mrcnn") or not hasattr(torch.ops.mrcnn, "multiscale_roi_align")
 """, tmp_path)  # fmt: skip
     boxes, scores, labels, masks, valid = torch.load(tmp_path / "outputs.pt")
+    assert boxes.shape[0] == batch
     assert torch.equal(valid, want.valid) and torch.equal(labels, want.labels)
     torch.testing.assert_close(boxes, want.boxes, rtol=0, atol=1e-3)
     torch.testing.assert_close(scores, want.scores, rtol=0, atol=1e-4)
@@ -99,7 +105,7 @@ def test_other_heads_and_bodies_export(head: str, backbone: str) -> None:
 
 def test_model_json(package: Path) -> None:
     info = json.loads(package.with_name("model.json").read_text())
-    assert info["batch_size"] == 2 and info["image_size"] == list(SIZE) and info["size_divisible"] == 32
+    assert info["max_batch_size"] == MAX_BATCH and info["image_size"] == list(SIZE) and info["size_divisible"] == 32
     assert info["classes"] == ["bg", "a", "b", "c"] and info["detections_per_img"] == 12 and info["mask_size"] == 28
     assert info["normalisation_inside"] is False and info["outputs"] == ["boxes", "scores", "labels", "masks", "valid"]
 
