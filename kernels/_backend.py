@@ -89,7 +89,7 @@ class TritonCustomOp:
     """
 
     def __init__(self, name: str, impl: Callable[..., object], inline_on_cuda: bool) -> None:
-        self.name, self.impl = name, impl
+        self.impl = impl
         schema = infer_schema(impl, mutates_args=())
 
         @functools.wraps(impl)
@@ -121,9 +121,6 @@ class TritonCustomOp:
 
     def register_autograd(self, backward: Callable[..., object], *, setup_context: Callable[..., object]) -> None:
         self.op.register_autograd(backward, setup_context=setup_context)
-
-    def __call__(self, *args: object) -> object:
-        return self.op(*args)
 
 
 _OPS: dict[str, TritonCustomOp] = {}

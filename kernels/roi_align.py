@@ -218,6 +218,8 @@ def _multiscale_backward(ctx, grad, _grad_argmax):
 
 
 _multiscale_op.register_autograd(_multiscale_backward, setup_context=_multiscale_setup_context)
+# Under autocast the features keep their dtype (torchvision casts them to float32 and the result back): our
+# half kernels accumulate in float32 and round once, as that round trip does, without a float32 copy of the maps.
 register_autocast("multiscale_roi_align", upcast=False)
 register_autocast("multiscale_roi_align_backward", upcast=False)
 
