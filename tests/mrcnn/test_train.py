@@ -385,6 +385,42 @@ def test_ddp_two_gloo_ranks_match_one_process_accumulating(tmp_path: Path) -> No
     assert moved > 50  # the two steps did move the weights
 
 
+
+_CYCLE_HOLDING_DDP = """
+import os
+import sys
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from mrcnn.cli import Process
+
+with Process("cpu"):
+    ddp = DistributedDataParallel(torch.nn.Linear(3, 1))
+    ddp(torch.ones(2, 3)).sum().backward()
+    cycle = [ddp]
+    cycle.append(cycle)  # reachable only through the cycle once the names go
+    del ddp, cycle
+tasks = "/proc/self/task"
+with open(os.path.join(sys.argv[1], os.environ["RANK"]), "w") as f:
+    f.write(" ".join(sorted(open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks))))
+"""
+
+
+def test_leaving_the_process_group_joins_its_threads_even_when_a_cycle_holds_it(tmp_path: Path) -> None:
+    """A reference cycle holding DDP (hence the gloo group) is collected when ``Process`` exits: no gloo thread
+    is left for the interpreter's shutdown, where one aborted the run now and then (SIGABRT, "terminate called
+    without an active exception")."""
+    script = tmp_path / "cycle.py"
+    script.write_text(_CYCLE_HOLDING_DDP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    threads = {rank: (tmp_path / rank).read_text() for rank in ("0", "1")}  # each rank's thread names
+    assert not any("gloo" in names for names in threads.values()), threads
+
+
 def test_evaluate_cli(full_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from mrcnn import evaluate
 
