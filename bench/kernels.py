@@ -326,7 +326,7 @@ def is_suite(path: Path) -> bool:
 
 
 # What the report depends on besides Triton: the kernels, the suites that launch them (and their shapes),
-# and this module (how launches are recorded, compiled and reported).
+# and this module (how launches are recorded, compiled and reported). Suites in NOT_RECORDED are not hashed.
 HASHED = ("kernels/**/*.py", "bench/__init__.py", "bench/conftest.py", "bench/test_*.py", "bench/kernels.py")
 
 
@@ -336,7 +336,10 @@ def sources_hash() -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    files = sorted({f for pattern in HASHED for f in ROOT.glob(pattern) if "__pycache__" not in f.parts})
+    files = sorted(
+        {f for pattern in HASHED for f in ROOT.glob(pattern) if "__pycache__" not in f.parts}
+        - {ROOT / "bench" / name for name in NOT_RECORDED}
+    )
     for f in files:
         digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return digest.hexdigest()

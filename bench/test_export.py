@@ -2,7 +2,8 @@
 
 Providers: ``torchvision`` (``maskrcnn_resnet50_fpn`` eager), ``ours`` (``mrcnn.MaskRCNN`` eager),
 ``ours_compile`` (``torch.compile(fullgraph=True)``), ``ours_package`` (the AOTInductor package of
-``mrcnn.export``, loaded with ``torch._inductor.aoti_load_package``) and, on CUDA, ``ours_cudagraphs``
+``mrcnn.export``, loaded with ``torch._inductor.aoti_load_package``), on CPU ``ours_onnx`` (``mrcnn.export``'s ONNX
+model in ONNX Runtime's CPU provider, its default threads) and, on CUDA, ``ours_cudagraphs``
 (``mode="reduce-overhead"``). Our providers time the forward on ``collate``'s tensors (resizing and
 normalising are outside the package too); torchvision's its whole call, which includes them.
 
@@ -28,7 +29,7 @@ from mrcnn.export import export_package
 
 CUDA = torch.cuda.is_available()
 SIZE = (800, 1333) if coco_shapes() else (512, 683)
-PROVIDERS = ("torchvision", "ours", "ours_compile", "ours_package") + (("ours_cudagraphs",) if CUDA else ())
+PROVIDERS = ("torchvision", "ours", "ours_compile", "ours_package") + (("ours_cudagraphs",) if CUDA else ("ours_onnx",))
 
 
 def setup_inference(provider: str, folder: Path) -> Callable[[], object]:
@@ -43,6 +44,13 @@ def setup_inference(provider: str, folder: Path) -> Callable[[], object]:
         return lambda: tv([image])
     model = mrcnn.from_torchvision(tv).eval()
     x, sizes, _ = model.collate([image])
+    if provider == "ours_onnx":
+        import onnxruntime
+
+        path = export_package(model, folder / "model.onnx", 1, tuple(x.shape[2:]))
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = {"images": x.numpy(), "image_sizes": sizes.numpy()}
+        return lambda: session.run(None, feed)
     if provider == "ours_package":
         path = export_package(model, folder / "model.pt2", 1, tuple(x.shape[2:]), device)
         run = torch._inductor.aoti_load_package(str(path))

@@ -1,8 +1,8 @@
 """Export a Mask R-CNN for deployment: ``torch.export`` and an AOTInductor package that runs without this project.
 
-``python -m mrcnn.export --checkpoint CKPT --out model.pt2 [--device cpu|cuda] [--batch-size B]
-[--image-size H W]`` writes ``model.pt2`` and, next to it, ``model.json`` (what a caller needs: the input
-contract, ``size_divisible``, class names, ``detections_per_img``, mask size).
+``python -m mrcnn.export --checkpoint CKPT --out model.pt2|model.onnx [--device cpu|cuda] [--batch-size B]
+[--image-size H W]`` writes the package (or an ONNX model, below) and, next to it, ``model.json`` (what a caller
+needs: the input contract, ``size_divisible``, class names, ``detections_per_img``, mask size).
 
 The package is called as ``runner(images, image_sizes)`` with the two tensors ``mrcnn.collate`` makes
 (``images: Tensor[B, 3, H, W]`` normalised and padded, ``image_sizes: Tensor[B, 2]`` int64) and returns the
@@ -22,6 +22,11 @@ fake tensors), so the package holds compiled C++ only. RoIAlign must then use a 
 (torchvision's Mask R-CNN uses 2): the adaptive grid's size is data-dependent. On CUDA the ops are
 ``triton_op``s: AOTInductor traces into them and compiles our Triton kernels into the package (NMS excepted on
 torch 2.12-2.14: ``kernels._backend.LINEAR_KERNEL_ANALYSIS``).
+
+``--out model.onnx`` writes an ONNX model instead (``torch.onnx.export(dynamo=True)`` of the CPU program, opset
+18; needs ``pip install -e ".[onnx]"``): the same inputs, outputs, dynamic batch and ``model.json``, standard ONNX
+operators only, so any ONNX runtime and execution provider can run it. Two aten ops get translations of ours: the
+stable sort (none exists) and RoIAlign's ``embedding_bag`` (a scatter-add instead of a loop over its bags).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,9 @@ import kernels
 from .checkpoint import CheckpointError, load_model
 from .model import MaskRCNN
 
-__all__ = ["export_program", "export_package", "package_info", "main"]
+__all__ = ["export_program", "export_package", "package_info", "onnx_translations", "main"]
+
+FORMATS = {".pt2": "mrcnn-aoti-1", ".onnx": "mrcnn-onnx-1"}  # by the output's suffix
 
 
 class _Outputs(nn.Module):
@@ -97,11 +104,11 @@ def export_program(
 
 
 def package_info(model: MaskRCNN, batch_size: int, image_size: tuple[int, int], device: str,
-                 classes: Sequence[str] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The ``model.json`` that goes with a package."""
+                 classes: Sequence[str] | None = None, suffix: str = ".pt2") -> dict[str, Any]:  # fmt: skip
+    """The ``model.json`` that goes with a package (``suffix`` ``.pt2``) or an ONNX model (``.onnx``)."""
     cfg = model.config
     return {
-        "format": "mrcnn-aoti-1",
+        "format": FORMATS[suffix],
         "device": str(torch.device(device).type),
         "inputs": {
             "images": f"float32 [B, 3, {image_size[0]}, {image_size[1]}], 1 <= B <= {batch_size}: resized, "
@@ -132,23 +139,69 @@ def export_package(
     device: str = "cpu",
     classes: Sequence[str] | None = None,
 ) -> Path:
-    """Write the AOTInductor package ``path`` (``.pt2``) and ``model.json`` next to it; returns ``path``."""
+    """Write the AOTInductor package ``path`` (``.pt2``) or the ONNX model ``path`` (``.onnx``, CPU program
+    only) and ``model.json`` next to it; returns ``path``."""
     path = Path(path)
-    if path.suffix != ".pt2":
-        raise ValueError(f"the package must be a .pt2 file, got {path}")
+    if path.suffix not in FORMATS:
+        raise ValueError(f"the output must be a .pt2 package or an .onnx model, got {path}")
+    if path.suffix == ".onnx" and torch.device(device).type != "cpu":
+        raise ValueError("an ONNX model is exported from the CPU program (--device cpu); ONNX runtimes run it anywhere")
     program = export_program(model, batch_size, image_size, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-    info = package_info(model, batch_size, tuple(image_size), device, classes)
+    if path.suffix == ".onnx":
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=18, verbose=False,
+                                         custom_translation_table=onnx_translations())  # fmt: skip
+        onnx_program.save(str(path))
+    else:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    info = package_info(model, batch_size, tuple(image_size), device, classes, path.suffix)
     path.with_name("model.json").write_text(json.dumps(info, indent=1))
     return path
+
+
+def onnx_translations() -> dict[Any, Callable[..., Any]]:
+    """Our ONNX translations of two aten ops (``torch.onnx.export``'s ``custom_translation_table``)."""
+    try:
+        from onnxscript import opset18 as op
+    except ImportError as e:
+        raise ValueError('an ONNX export needs onnx and onnxscript: pip install -e ".[onnx]"') from e
+
+    def sort_stable(self: Any, stable: bool | None = None, dim: int = -1, descending: bool = False) -> tuple[Any, Any]:
+        # No translation exists. TopK over the whole axis, sorted, puts the lower index first among equal values:
+        # a stable sort.
+        k = op.Slice(op.Shape(self, start=dim), [0], [1])
+        return op.TopK(self, k, axis=dim, largest=descending, sorted=True)
+
+    def embedding_bag(weight: Any, indices: Any, offsets: Any, scale_grad_by_freq: bool = False, mode: int = 0,
+                      sparse: bool = False, per_sample_weights: Any = None, include_last_offset: bool = False,
+                      padding_idx: int | None = None) -> tuple[Any, Any, Any, Any]:  # fmt: skip
+        # RoIAlign's torch path: weighted sums of table rows in bags (one per output bin). onnxscript's own
+        # translation loops over the bags (a Loop of ~10^4 iterations) and fails to load for int32 indices.
+        # Here: each entry's bag from the offsets (a 1 at each bag's start, cumulated), then one scatter-add.
+        if mode != 0 or per_sample_weights is None or include_last_offset or padding_idx is not None:
+            raise NotImplementedError("embedding_bag: only sums with per-sample weights are translated")
+        # One slot more than entries: empty bags at the end start there.
+        zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+        n = op.Shape(indices)
+        starts = op.ScatterElements(op.Expand(zero, n + 1), offsets, op.Expand(one, op.Shape(offsets)),
+                                    reduction="add")  # fmt: skip
+        bag = op.Unsqueeze(op.Slice(op.CumSum(starts, zero), [0], n) - 1, [1])
+        rows = op.Mul(op.Gather(weight, indices), op.Unsqueeze(per_sample_weights, [1]))
+        bags = op.Concat(op.Shape(offsets), op.Shape(weight, start=1), axis=0)
+        out = op.ScatterND(op.Expand(op.CastLike(op.Constant(value_float=0.0), weight), bags), bag, rows,
+                           reduction="add")  # fmt: skip
+        # The other outputs, as torch's CPU kernel gives them for weighted sums (backward buffers, unused here).
+        zeros = op.CastLike(op.Expand(zero, op.Shape(offsets)), indices)
+        return out, op.Slice(zeros, [0], [0]), zeros, zeros
+
+    return {torch.ops.aten.sort.stable: sort_stable, torch.ops.aten.embedding_bag.padding_idx: embedding_bag}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mrcnn.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--checkpoint", required=True, help="our checkpoint.pt or a torchvision Mask R-CNN one")
-    p.add_argument("--out", required=True, help="the package to write, e.g. model.pt2")
+    p.add_argument("--out", required=True, help="model.pt2 (AOTInductor package) or model.onnx (ONNX model)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the package runs")
     p.add_argument("--batch-size", type=int, default=1, help="the most images per call (any batch from 1 up)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,

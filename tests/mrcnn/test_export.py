@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from PIL import Image
 
 import mrcnn
 from kernels._backend import LINEAR_KERNEL_ANALYSIS
-from mrcnn.export import export_package, export_program, main
+from mrcnn.export import export_package, export_program, main, onnx_translations
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TINY = dict(
@@ -39,15 +40,49 @@ def _model() -> mrcnn.MaskRCNN:
     return mrcnn.MaskRCNN(mrcnn.MaskRCNNConfig(**TINY)).eval()
 
 
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("export")
+def _export(folder: Path, out: str) -> Path:
+    """``python -m mrcnn.export`` of the tiny model (any batch up to ``MAX_BATCH``) to ``folder / out``."""
     model = _model()
     ckpt = folder / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "classes": ["bg", "a", "b", "c"]},
                ckpt)  # fmt: skip
-    return main(["--checkpoint", str(ckpt), "--out", str(folder / "model.pt2"), "--batch-size", str(MAX_BATCH),
+    return main(["--checkpoint", str(ckpt), "--out", str(folder / out), "--batch-size", str(MAX_BATCH),
                  "--image-size", *map(str, SIZE)])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(tmp_path_factory.mktemp("export"), "model.pt2")
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(tmp_path_factory.mktemp("onnx"), "model.onnx")
+
+
+def _batch(batch: int) -> tuple[torch.Tensor, torch.Tensor, mrcnn.Detections]:
+    """``(images, image_sizes)`` of ``batch`` random images as ``collate`` pads them to ``SIZE``, and the eager
+    model's detections on them."""
+    model = _model()
+    gen = torch.Generator().manual_seed(batch)
+    heights = torch.randint(80, 128, (batch,), generator=gen).tolist()
+    widths = torch.randint(100, 160, (batch,), generator=gen).tolist()
+    images = [torch.rand(3, h, w, generator=gen) for h, w in zip(heights, widths, strict=True)]
+    x, sizes, _ = model.collate(images)
+    x = torch.nn.functional.pad(x, (0, SIZE[1] - x.shape[3], 0, SIZE[0] - x.shape[2]))
+    with torch.no_grad():
+        want = model(x, sizes)
+    assert want.valid.any()
+    return x, sizes, want
+
+
+def _assert_detections(got: Sequence[torch.Tensor], want: mrcnn.Detections) -> None:
+    """An exported model's five outputs against eager's: boxes within 1e-3 px, scores 1e-4, masks 1e-3."""
+    boxes, scores, labels, masks, valid = (t.cpu() for t in got)
+    assert torch.equal(valid, want.valid.cpu()) and torch.equal(labels, want.labels.cpu())
+    torch.testing.assert_close(boxes, want.boxes.cpu(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(scores, want.scores.cpu(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(masks, want.masks.cpu(), rtol=0, atol=1e-3)
 
 
 def _run_bare(code: str, cwd: Path) -> str:
@@ -61,16 +96,7 @@ def _run_bare(code: str, cwd: Path) -> str:
 @pytest.mark.parametrize("batch", [1, 2, MAX_BATCH])
 def test_package_contract_matches_eager(package: Path, tmp_path: Path, batch: int) -> None:
     """Any batch up to the exported one, in a process that cannot import our packages, gives eager's detections."""
-    model = _model()
-    gen = torch.Generator().manual_seed(batch)
-    heights = torch.randint(80, 128, (batch,), generator=gen).tolist()
-    widths = torch.randint(100, 160, (batch,), generator=gen).tolist()
-    images = [torch.rand(3, h, w, generator=gen) for h, w in zip(heights, widths, strict=True)]
-    x, sizes, _ = model.collate(images)
-    x = torch.nn.functional.pad(x, (0, SIZE[1] - x.shape[3], 0, SIZE[0] - x.shape[2]))
-    with torch.no_grad():
-        want = model(x, sizes)
-    assert want.valid.any()
+    x, sizes, want = _batch(batch)
     torch.save((x, sizes), tmp_path / "inputs.pt")
     _run_bare(f"""
 import torch
@@ -79,12 +105,53 @@ x, sizes = torch.load("inputs.pt")
 torch.save([t.clone() for t in runner(x, sizes)], "outputs.pt")
 assert not hasattr(torch.ops, "mrcnn") or not hasattr(torch.ops.mrcnn, "multiscale_roi_align")
 """, tmp_path)  # fmt: skip
-    boxes, scores, labels, masks, valid = torch.load(tmp_path / "outputs.pt")
-    assert boxes.shape[0] == batch
-    assert torch.equal(valid, want.valid) and torch.equal(labels, want.labels)
-    torch.testing.assert_close(boxes, want.boxes, rtol=0, atol=1e-3)
-    torch.testing.assert_close(scores, want.scores, rtol=0, atol=1e-4)
-    torch.testing.assert_close(masks, want.masks, rtol=0, atol=1e-3)
+    _assert_detections(torch.load(tmp_path / "outputs.pt"), want)
+
+
+@pytest.mark.parametrize("batch", [1, MAX_BATCH])
+def test_onnx_model_matches_eager(onnx_model: Path, batch: int) -> None:
+    """``--out model.onnx``: standard ONNX operators only, any batch up to the exported one, run by ONNX Runtime
+    (which cannot call back into Python), gives eager's detections."""
+    import onnx
+    import onnxruntime
+
+    graph = onnx.load(str(onnx_model)).graph
+    assert {node.domain for node in graph.node} == {""}
+    x, sizes, want = _batch(batch)
+    session = onnxruntime.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": x.numpy(), "image_sizes": sizes.numpy()})
+    _assert_detections([torch.from_numpy(a) for a in got], want)
+    info = json.loads(onnx_model.with_name("model.json").read_text())
+    assert info["format"] == "mrcnn-onnx-1" and info["max_batch_size"] == MAX_BATCH
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_onnx_translations_match_torch(index_dtype: torch.dtype) -> None:
+    """Our two translations against torch: weighted bags with empty ones (in the middle, at the end) and a
+    stable sort with ties, both directions, a negative and a positive axis."""
+    import onnxruntime
+
+    class Ops(torch.nn.Module):
+        def forward(self, table, rows, offsets, weights, scores):  # noqa: ANN001, ANN202
+            bags = torch.nn.functional.embedding_bag(rows, table, offsets, per_sample_weights=weights, mode="sum")
+            return bags, *scores.sort(dim=-1, descending=True, stable=True), *scores.sort(dim=0, stable=True)
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.tensor([1, 2, 4, 5, 4, 3], dtype=index_dtype)
+    offsets = torch.tensor([0, 2, 2, 5, 6], dtype=index_dtype)  # bags [0:2], [], [2:5], [5:6], []
+    args = (torch.randn(7, 3, generator=gen), rows, offsets, torch.rand(6, generator=gen),
+            torch.randint(0, 3, (4, 9), generator=gen).float())  # fmt: skip
+    program = torch.onnx.export(Ops().eval(), args, dynamo=True, opset_version=18, verbose=False,
+                                custom_translation_table=onnx_translations())  # fmt: skip
+    assert "Loop" not in {node.op_type for node in program.model.graph}
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])  # fmt: skip
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, {name: a.numpy() for name, a in zip(names, args, strict=True)})
+    want = Ops()(*args)
+    torch.testing.assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-6, atol=1e-6)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        assert torch.equal(torch.from_numpy(g), w)
 
 
 @pytest.mark.parametrize(("head", "backbone"), [("v2", "resnet18"), ("v1", "resnet34")])
@@ -177,8 +244,4 @@ torch.save([t.cpu() for t in runner(x.cuda(), sizes.cuda())], "outputs.pt")
         done = subprocess.run([sys.executable, "-c", "import kernels\n" + code], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
-    boxes, scores, labels, masks, valid = torch.load(tmp_path / "outputs.pt")
-    assert torch.equal(valid, want.valid.cpu()) and torch.equal(labels, want.labels.cpu())
-    torch.testing.assert_close(boxes, want.boxes.cpu(), rtol=0, atol=1e-3)
-    torch.testing.assert_close(scores, want.scores.cpu(), rtol=0, atol=1e-4)
-    torch.testing.assert_close(masks, want.masks.cpu(), rtol=0, atol=1e-3)
+    _assert_detections(torch.load(tmp_path / "outputs.pt"), want)
