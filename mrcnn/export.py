@@ -25,8 +25,8 @@ torch 2.12-2.14: ``kernels._backend.LINEAR_KERNEL_ANALYSIS``).
 
 ``--out model.onnx`` writes an ONNX model instead (``torch.onnx.export(dynamo=True)`` of the CPU program, opset
 18; needs ``pip install -e ".[onnx]"``): the same inputs, outputs, dynamic batch and ``model.json``, standard ONNX
-operators only, so any ONNX runtime and execution provider can run it. Two aten ops get translations of ours: the
-stable sort (none exists) and RoIAlign's ``embedding_bag`` (a scatter-add instead of a loop over its bags).
+operators only (tested with ONNX Runtime's CPU provider). Two aten ops get translations of ours: the stable sort
+(none exists) and RoIAlign's ``embedding_bag`` (a scatter-add instead of a loop over its bags).
 """
 
 from __future__ import annotations

@@ -200,6 +200,18 @@ def test_bad_use_is_refused(kwargs: dict, match: str, monkeypatch: pytest.Monkey
         export_program(_model(), **{"image_size": SIZE, **kwargs})
 
 
+def test_bad_outputs_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before any export: an unknown suffix, an ONNX model of the CUDA program, ONNX without onnxscript."""
+    with pytest.raises(ValueError, match=r"\.pt2 package or an \.onnx model"):
+        export_package(_model(), tmp_path / "model.zip", image_size=SIZE)
+    with pytest.raises(ValueError, match="CPU program"):
+        export_package(_model(), tmp_path / "model.onnx", image_size=SIZE, device="cuda")
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript raises ImportError
+    with pytest.raises(ValueError, match=re.escape('pip install -e ".[onnx]"')):
+        onnx_translations()
+    assert not list(tmp_path.iterdir())
+
+
 def test_adaptive_sampling_is_refused_on_cpu() -> None:
     """The op's own error when traced: the adaptive grid's size is the data's (a CUDA export keeps the op)."""
     model = mrcnn.MaskRCNN(mrcnn.MaskRCNNConfig(**{**TINY, "pooler_sampling_ratio": 0})).eval()
