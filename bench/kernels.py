@@ -325,14 +325,36 @@ def is_suite(path: Path) -> bool:
     return path.parent == ROOT / "bench"
 
 
-# What the report depends on besides Triton: the kernels, the suites that launch them (and their shapes),
-# and this module (how launches are recorded, compiled and reported). Suites in NOT_RECORDED are not hashed.
+# What the report depends on besides Triton: the kernels and their launchers, the suites that launch them (and
+# their shapes), and this module (how launches are recorded, compiled and reported). Suites in NOT_RECORDED are
+# not hashed.
 HASHED = ("kernels/**/*.py", "bench/__init__.py", "bench/conftest.py", "bench/test_*.py", "bench/kernels.py")
 
 
+def code_of(source: str) -> str:
+    """``source`` as the interpreter runs it: parsed and unparsed without comments, docstrings or formatting, so
+    that prose edits leave it (and the report's hash) unchanged while any edit of code changes it."""
+    import ast
+
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
 def sources_hash() -> str:
-    """sha256 over the files of ``HASHED`` (path and bytes, in path order): the report's header carries it,
-    and a test compares the committed report's with the checkout's."""
+    """sha256 over the code (``code_of``) of the files of ``HASHED``, with their paths, in path order: the
+    report's header carries it, and a test compares the committed report's with the checkout's. It covers every
+    kernel's source, autotune configs and launcher, and the suites' launches; comments and docstrings do not
+    count."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -341,7 +363,7 @@ def sources_hash() -> str:
         - {ROOT / "bench" / name for name in NOT_RECORDED}
     )
     for f in files:
-        digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+        digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + code_of(f.read_text()).encode() + b"\0")
     return digest.hexdigest()
 
 

@@ -13,7 +13,7 @@ from .mask_loss import mask_loss, maskrcnn_loss
 from .nms import batched_nms, nms, nms_fixed
 from .paste_masks import paste_masks_in_image
 from .patch import patch_torchvision
-from .roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
+from .roi_align import MultiScaleRoIAlign, RoIAlign, infer_scales, multiscale_roi_align, roi_align
 
 __all__ = [
     "backend_for",
@@ -23,6 +23,7 @@ __all__ = [
     "RoIAlign",
     "multiscale_roi_align",
     "MultiScaleRoIAlign",
+    "infer_scales",
     "BoxCoder",
     "BBOX_XFORM_CLIP",
     "decode_boxes",

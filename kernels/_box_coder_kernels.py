@@ -5,6 +5,7 @@ take inputs that it has validated and outputs that it has allocated.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -264,11 +265,25 @@ def _encode_boxes_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def decode_triton(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh, out, valid):
-    R, K = out.shape[0], out.shape[1]
+def decode_triton(
+    deltas: torch.Tensor,
+    boxes: torch.Tensor,
+    weights: list[float],
+    clip: float,
+    image_sizes: torch.Tensor | None,
+    min_size: float | None,
+    scores: torch.Tensor | None,
+    score_thresh: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``deltas [R, K*4]`` against ``boxes [R, 4]``: ``(boxes [R, K, 4] in deltas' dtype, valid [R, K]
+    bool, or [0] when neither ``min_size`` nor ``scores`` filters)."""
+    R, K = deltas.shape[0], deltas.shape[1] // 4
+    out = deltas.new_empty((R, K, 4))
+    filtered = min_size is not None or scores is not None
+    valid = deltas.new_empty((R, K) if filtered else (0,), dtype=torch.bool)
     n = R * K
     if n == 0:
-        return
+        return out, valid
     sizes = image_sizes if image_sizes is not None else deltas
     sc = scores if scores is not None else deltas
     v = valid if valid.numel() else out
@@ -282,13 +297,23 @@ def decode_triton(deltas, boxes, weights, clip, image_sizes, min_size, scores, s
         CLIP_TO_IMAGE=image_sizes is not None, FILTER_SIZE=min_size is not None, FILTER_SCORE=scores is not None,
         BLOCK=_BLOCK, num_warps=_NUM_WARPS,
     )  # fmt: skip
+    return out, valid
 
 
-def decode_backward_triton(grad, deltas, boxes, weights, clip, image_sizes, grad_deltas, grad_boxes):
+def decode_backward_triton(
+    grad: torch.Tensor,
+    deltas: torch.Tensor,
+    boxes: torch.Tensor,
+    weights: list[float],
+    clip: float,
+    image_sizes: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the decode w.r.t. ``(deltas [R, K*4], boxes [R, 4])`` from ``grad [R, K, 4]``, contiguous."""
+    grad_deltas = torch.empty_like(deltas, memory_format=torch.contiguous_format)
+    grad_boxes = torch.empty_like(boxes, memory_format=torch.contiguous_format)
     R, K = grad.shape[0], grad.shape[1]
     if R * K == 0:
-        grad_boxes.zero_()
-        return
+        return grad_deltas, grad_boxes.zero_()
     sizes = image_sizes if image_sizes is not None else deltas
     block_k = triton.next_power_of_2(K)
     block_r = max(1, _TILE // block_k)
@@ -301,12 +326,17 @@ def decode_backward_triton(grad, deltas, boxes, weights, clip, image_sizes, grad
         *weights, clip,
         CLIP_TO_IMAGE=image_sizes is not None, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=_NUM_WARPS,
     )  # fmt: skip
+    return grad_deltas, grad_boxes
 
 
-def encode_triton(reference_boxes, proposals, weights, out):
+def encode_triton(reference_boxes: torch.Tensor, proposals: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Regression targets ``[N, 4]`` of ``reference_boxes [N, 4]`` w.r.t. ``proposals [N, 4]``, in their promoted
+    dtype."""
+    dtype = torch.promote_types(reference_boxes.dtype, proposals.dtype)
+    out = reference_boxes.new_empty(reference_boxes.shape, dtype=dtype)
     N = out.shape[0]
     if N == 0:
-        return
+        return out
     wrap_triton(_encode_boxes_kernel)[(triton.cdiv(N, _BLOCK),)](
         reference_boxes, proposals, out,
         N,
@@ -315,3 +345,4 @@ def encode_triton(reference_boxes, proposals, weights, out):
         *weights,
         BLOCK=_BLOCK, num_warps=_NUM_WARPS,
     )  # fmt: skip
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import acc_dtype
+from ._contract import acc_dtype
 
 
 def _decode_axis(d_ctr, d_size, lo, hi, w_ctr, w_size, clip):

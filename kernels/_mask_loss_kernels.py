@@ -32,9 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import autotune_configs, tl_acc_dtype
 from ._sampling_kernels import axis, is_finite, sample_coord, samples_per_bin
-from ._triton_utils import loop_bound, offset64, wrap_triton
+from ._triton_utils import autotune_configs, loop_bound, offset64, tl_acc_dtype, wrap_triton
 
 # Sizes that change from batch to batch (mask count and size, and the mask strides that follow from
 # them) are not specialised, so that a new padded image size does not compile a new kernel.

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 from torch._higher_order_ops.while_loop import while_loop
 
-from ._backend import acc_dtype
-from ._nms_kernels import WORD
+from ._contract import NMS_WORD, acc_dtype
 
 
 def _suppression(a: Tensor, c: Tensor, threshold: float) -> Tensor:
@@ -34,15 +33,14 @@ def forward_torch(
     valid: Tensor | None,
     threshold: float,
     max_out: int,
-    keep: Tensor,
-    keep_valid: Tensor,
-    count: Tensor,
-) -> None:
-    """The same block walk as the sweep kernel: per block of 64 sorted boxes, resolve the block with Python
-    integer bitmasks, then let its kept boxes suppress the later boxes (one vectorized IoU per block)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Greedy NMS of the rows sorted by ``order [B, N]``: ``(keep [B, max_out] int64, keep_valid [B, max_out] bool,
+    count [B] int64)``, by the sweep kernel's block walk: per block of 64 sorted boxes, resolve the block with
+    Python integer bitmasks, then let its kept boxes suppress the later boxes (one vectorized IoU per block)."""
     B, N = order.shape
-    keep.zero_()
-    lanes = torch.arange(WORD, device=boxes.device)
+    keep = torch.zeros((B, max_out), dtype=torch.int64, device=boxes.device)
+    count = torch.zeros((B,), dtype=torch.int64, device=boxes.device)
+    lanes = torch.arange(NMS_WORD, device=boxes.device)
     for b in range(B):
         sorted_boxes = boxes[b].index_select(0, order[b])
         cls = idxs[b].index_select(0, order[b]) if idxs is not None else None
@@ -50,10 +48,10 @@ def forward_torch(
         if valid is not None:
             removed |= ~valid[b].index_select(0, order[b])
         kept: list[int] = []
-        for start in range(0, N, WORD):
+        for start in range(0, N, NMS_WORD):
             if len(kept) >= max_out:
                 break
-            end = min(start + WORD, N)
+            end = min(start + NMS_WORD, N)
             blk = sorted_boxes[start:end]
             n = end - start
             sup = _suppression(blk, blk, threshold) & (lanes[None, :n] > lanes[:n, None])
@@ -77,7 +75,7 @@ def forward_torch(
         kept = kept[:max_out]
         keep[b, : len(kept)] = order[b, kept]
         count[b] = len(kept)
-    keep_valid.copy_(torch.arange(max_out, device=boxes.device)[None, :] < count[:, None])
+    return keep, torch.arange(max_out, device=boxes.device)[None, :] < count[:, None], count
 
 
 def forward_traced(

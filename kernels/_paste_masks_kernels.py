@@ -14,13 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import autotune_configs, tl_acc_dtype
+from ._contract import COORD_LIMIT
 from ._sampling_kernels import is_finite
-from ._triton_utils import mul_rn, offset64, round_to, wrap_triton
+from ._triton_utils import autotune_configs, mul_rn, offset64, round_to, tl_acc_dtype, wrap_triton
 
-# Box coordinates are clamped to this before the float -> int64 conversion, which is undefined
-# out of range; box sizes (``X2 - X1 + 1``) then still fit in int64.
-COORD_LIMIT = 2.0**61
 _TL_COORD_LIMIT = tl.constexpr(COORD_LIMIT)
 
 # Pixels per program, chosen by the launcher from the image size (the autotuner picks the warps). Under

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import acc_dtype
-from ._paste_masks_kernels import COORD_LIMIT
+from ._contract import COORD_LIMIT, acc_dtype
 
 
 def _expand_boxes(boxes: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

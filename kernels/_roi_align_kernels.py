@@ -28,17 +28,13 @@ whole pooler is one launch whose shapes never depend on the data).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import autotune_configs, tl_acc_dtype
+from ._contract import MAX_LEVELS, level_range
 from ._sampling_kernels import axis, is_finite, sample_coord, samples_per_bin
-from ._triton_utils import loop_bound, offset64, wrap_triton
-
-MAX_LEVELS = 5
+from ._triton_utils import autotune_configs, loop_bound, offset64, tl_acc_dtype, wrap_triton
 
 # Sizes that change from call to call (RoI count, feature map sizes and their strides) are not
 # specialised, so that a new image size does not compile a new kernel.
@@ -579,11 +575,6 @@ def _level_args(tensors: list[torch.Tensor], scales: list[float]) -> list:
         stride_args += _padded([s[d] for s in strides], strides[0][d])
     scale_args = _padded([h for h, _ in hi_lo], hi_lo[0][0]) + _padded([lo for _, lo in hi_lo], hi_lo[0][1])
     return args, stride_args, scale_args
-
-
-def level_range(scales: list[float]) -> tuple[int, int]:
-    """``(k_min, k_max)`` of torchvision's LevelMapper for per-level scales (finest first)."""
-    return int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
 
 
 def forward_triton(

@@ -22,16 +22,6 @@ the call's largest grid, read from the data with ``int(grid.max())``; tracing it
 R-CNN's poolers use the fixed ``sampling_ratio=2``). RoIs are processed in static ranges (chunks) so that the
 largest intermediate stays under ``_CHUNK_ELEMENTS`` values.
 
-Eager speed against the previous version (per-level ``nonzero`` split, a sparse CSR product forward and an
-``index_add`` of the materialised products backward): bench/test_roi_align.py's ``ours`` step callables at its CPU
-shapes (2 images 200x336, C=64, 128 RoIs, sampling_ratio 2, fp32), old and new interleaved, min of 21 runs, one
-thread (two threads on this shared 2-core machine vary 10x run to run), ms, forward / forward + backward:
-
-    multi-level  7x7   5.4 -> 3.9 /  13.3 ->  7.5      single level  7x7   3.6 -> 2.0 /  12.5 ->  6.8
-    multi-level 14x14 10.7 -> 5.2 /  73.6 -> 22.6      single level 14x14 11.0 -> 4.8 /  71.9 -> 21.2
-
-bf16 gains alike. ``OMP_NUM_THREADS=1 python -m pytest bench/test_roi_align.py -k "ours and float32"
---benchmark-only`` agrees (e.g. multi-level 14x14 backward 72.7 -> 15.5 ms).
 """
 
 from __future__ import annotations
@@ -42,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
-from ._backend import acc_dtype
-from ._roi_align_kernels import level_range
+from ._contract import acc_dtype, level_range
 from ._sampling_torch import axis, sample_coord, samples_per_bin
 
 _CHUNK_ELEMENTS = 1 << 24

@@ -16,7 +16,7 @@ except at the last pixel, where both are ``size - 1`` and ``c = low``. With torc
 ``hy*hx*v[y_low, x_low] + hy*lx*v[y_low, x_high] + ly*hx*v[y_high, x_low] + ly*lx*v[y_high, x_high]``.
 
 The cap keeps an absurd finite box (1e9 pixels) from looping for hours; only a bin over 1024 pixels per side
-reaches it (the value is ``kernels._backend.MAX_SAMPLES_PER_SIDE``, which also bounds a fixed ratio). A RoI
+reaches it (the value is ``kernels._contract.MAX_SAMPLES_PER_SIDE``, which also bounds a fixed ratio). A RoI
 with a non-finite coordinate (``is_finite``) samples nothing.
 """
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._backend import MAX_SAMPLES_PER_SIDE
+from ._contract import MAX_SAMPLES_PER_SIDE
 
 MAX_ADAPTIVE_SAMPLES = tl.constexpr(MAX_SAMPLES_PER_SIDE)
 

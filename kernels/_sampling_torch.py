@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import MAX_SAMPLES_PER_SIDE
+from ._contract import MAX_SAMPLES_PER_SIDE
 
 
 def samples_per_bin(bin_size: Tensor, ok: Tensor, sampling_ratio: int) -> Tensor:

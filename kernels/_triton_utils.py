@@ -1,5 +1,5 @@
-"""Small helpers shared by several op modules: ``wrap_triton`` for every launch, 64-bit address offsets, and
-torch's roundings reproduced in Triton.
+"""What every Triton kernel and launcher shares: whether kernels are interpreted, the autotune space,
+``wrap_triton`` for every launch, 64-bit address offsets, and torch's roundings reproduced in Triton.
 
 The kernels compute in float32 (float64 for float64) and must round like torch where torch rounds:
 once to the output dtype, and at the intermediate steps where torch computes in the inputs' dtype.
@@ -9,14 +9,32 @@ interpreter (CPU tests) converts float32 -> bfloat16 by truncation instead of ro
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from ._backend import INTERPRET
+__all__ = [
+    "INTERPRET", "autotune_configs", "cast_rn", "ieee_div", "loop_bound", "mul_rn", "offset64", "round_to",
+    "tl_acc_dtype", "wrap_triton",
+]  # fmt: skip
 
-__all__ = ["cast_rn", "ieee_div", "loop_bound", "mul_rn", "offset64", "round_to", "wrap_triton"]
+# Read once, at import: ``triton.jit`` decides at decoration time whether a kernel is compiled or interpreted.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:
+    """The configs to autotune over: all on a GPU, the first alone under the interpreter (one
+    interpreted run of every config would multiply CI time for nothing)."""
+    return list(configs[:1]) if INTERPRET else list(configs)
+
+
+def tl_acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Triton's accumulation dtype for ``dtype`` (``_contract.acc_dtype``): float64 for float64, else float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def wrap_triton(kernel: object) -> object:

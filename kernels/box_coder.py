@@ -43,18 +43,10 @@ import math
 import torch
 from torch import Tensor
 
-from ._backend import (
-    FLOAT_DTYPES,
-    OpTypeError,
-    OpValueError,
-    acc_dtype,
-    backend_for,
-    check_tensor,
-    register_autocast,
-    triton_custom_op,
-)
+from ._backend import backend_for, triton_custom_op
 from ._box_coder_kernels import decode_backward_triton, decode_triton, encode_triton
 from ._box_coder_torch import decode_backward_torch, decode_torch, encode_torch
+from ._contract import FLOAT_DTYPES, OpTypeError, OpValueError, acc_dtype, check_tensor
 
 __all__ = ["BoxCoder", "decode_boxes", "encode_boxes"]
 
@@ -131,7 +123,9 @@ def _decode_outputs(deltas: Tensor, min_size: float | None, scores: Tensor | Non
     return out, valid
 
 
-@triton_custom_op("decode_boxes")
+# Half inputs keep their dtype under autocast (all three ops): the math runs in float32 and rounds once to the
+# output dtype, more accurate than torchvision's decode in half, without a float32 copy.
+@triton_custom_op("decode_boxes", autocast="keep", traceable=True)
 def _decode_boxes_op(
     deltas: Tensor,
     boxes: Tensor,
@@ -144,12 +138,8 @@ def _decode_boxes_op(
 ) -> tuple[Tensor, Tensor]:
     """``(boxes [R, K, 4], valid [R, K] bool, or [0] without min_size and scores)``; see ``decode_boxes``."""
     _validate_decode(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh)
-    args = (deltas, boxes, _check_weights(weights), clip, image_sizes, min_size, scores, score_thresh)
-    if backend_for(deltas) != "triton":
-        return decode_torch(*args)
-    out, valid = _decode_outputs(deltas, min_size, scores)
-    decode_triton(*args, out, valid)
-    return out, valid
+    impl = decode_triton if backend_for(deltas) == "triton" else decode_torch
+    return impl(deltas, boxes, _check_weights(weights), clip, image_sizes, min_size, scores, score_thresh)
 
 
 @_decode_boxes_op.register_fake
@@ -158,7 +148,7 @@ def _(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh)
     return _decode_outputs(deltas, min_size, scores)
 
 
-@triton_custom_op("decode_boxes_backward")
+@triton_custom_op("decode_boxes_backward", autocast="keep")
 def _decode_boxes_backward_op(
     grad: Tensor,
     deltas: Tensor,
@@ -168,13 +158,8 @@ def _decode_boxes_backward_op(
     image_sizes: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``decode_boxes`` w.r.t. ``(deltas [R, K*4], boxes [R, 4])``."""
-    args = (grad, deltas, boxes, _check_weights(weights), clip, image_sizes)
-    if backend_for(deltas) != "triton":
-        return decode_backward_torch(*args)
-    grad_deltas = torch.empty_like(deltas, memory_format=torch.contiguous_format)
-    grad_boxes = torch.empty_like(boxes, memory_format=torch.contiguous_format)
-    decode_backward_triton(*args, grad_deltas, grad_boxes)
-    return grad_deltas, grad_boxes
+    impl = decode_backward_triton if backend_for(deltas) == "triton" else decode_backward_torch
+    return impl(grad, deltas, boxes, _check_weights(weights), clip, image_sizes)
 
 
 @_decode_boxes_backward_op.register_fake
@@ -195,7 +180,7 @@ def _decode_backward(ctx, grad, _grad_valid):
     deltas, boxes, image_sizes = ctx.saved_tensors
     weights, clip = ctx.args
     grad_deltas, grad_boxes = torch.ops.mrcnn.decode_boxes_backward(grad, deltas, boxes, weights, clip, image_sizes)
-    return grad_deltas, grad_boxes, None, None, None, None, None, None
+    return grad_deltas, grad_boxes, *[None] * 6
 
 
 _decode_boxes_op.register_autograd(_decode_backward, setup_context=_decode_setup_context)
@@ -206,15 +191,12 @@ def _encode_output(reference_boxes: Tensor, proposals: Tensor) -> Tensor:
     return reference_boxes.new_empty(reference_boxes.shape, dtype=dtype)
 
 
-@triton_custom_op("encode_boxes")
+@triton_custom_op("encode_boxes", autocast="keep", traceable=True)
 def _encode_boxes_op(reference_boxes: Tensor, proposals: Tensor, weights: list[float]) -> Tensor:
     """Regression targets ``[N, 4]`` of ``reference_boxes`` w.r.t. ``proposals``; see ``encode_boxes``."""
     _validate_encode(reference_boxes, proposals, weights)
-    if backend_for(reference_boxes) != "triton":
-        return encode_torch(reference_boxes, proposals, _check_weights(weights))
-    out = _encode_output(reference_boxes, proposals)
-    encode_triton(reference_boxes, proposals, _check_weights(weights), out)
-    return out
+    impl = encode_triton if backend_for(reference_boxes) == "triton" else encode_torch
+    return impl(reference_boxes, proposals, _check_weights(weights))
 
 
 @_encode_boxes_op.register_fake
@@ -259,10 +241,6 @@ def _encode_backward(ctx, grad):
 
 
 _encode_boxes_op.register_autograd(_encode_backward, setup_context=_encode_setup_context)
-# Half inputs keep their dtype under autocast: the math runs in float32 and rounds once to the output dtype, more
-# accurate than torchvision's decode in half (see Precision above), without a float32 copy.
-for _name in ("decode_boxes", "decode_boxes_backward", "encode_boxes"):
-    register_autocast(_name, upcast=False)
 
 
 # ----------------------------------------------------------------------------------------------

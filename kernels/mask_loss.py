@@ -52,16 +52,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import (
-    FLOAT_DTYPES,
-    OpValueError,
-    acc_dtype,
-    backend_for,
-    check_sampling_ratio,
-    check_tensor,
-    register_autocast,
-    triton_custom_op,
-)
+from ._backend import backend_for, triton_custom_op
+from ._contract import FLOAT_DTYPES, OpValueError, acc_dtype, check_sampling_ratio, check_tensor
 from ._mask_loss_kernels import backward_triton, forward_triton
 from ._mask_loss_torch import backward_torch, forward_torch
 
@@ -110,11 +102,13 @@ def _validate(
 
 
 # ----------------------------------------------------------------------------------------------
-# Registered ops
+# Registration
 # ----------------------------------------------------------------------------------------------
 
 
-@triton_custom_op("mask_loss")
+# Under autocast the loss is computed from float32 logits and is a float32 scalar, as torchvision's (its
+# binary_cross_entropy_with_logits runs in float32 under autocast): a bfloat16 loss would keep 3 digits.
+@triton_custom_op("mask_loss", autocast="float32")
 def _mask_loss_op(
     logits: Tensor,
     boxes: Tensor,
@@ -155,7 +149,7 @@ def _(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_siz
     return logits.new_empty(()), logits.new_empty((R, M, M), dtype=acc), logits.new_empty((), dtype=acc)
 
 
-@triton_custom_op("mask_loss_backward")
+@triton_custom_op("mask_loss_backward", autocast="keep")
 def _mask_loss_backward_op(
     grad_loss: Tensor, dlogits: Tensor, weight_sum: Tensor, labels: Tensor, num_classes: int, dtype: torch.dtype
 ) -> Tensor:
@@ -181,18 +175,14 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_loss, _grad_dlogits, _grad_weight_sum):
     dlogits, weight_sum, labels = ctx.saved_tensors
     grad = torch.ops.mrcnn.mask_loss_backward(grad_loss, dlogits, weight_sum, labels, ctx.num_classes, ctx.dtype)
-    return grad, None, None, None, None, None, None, None, None, None, None
+    return grad, *[None] * 10
 
 
 _mask_loss_op.register_autograd(_backward, setup_context=_setup_context)
-# Under autocast the loss is computed from float32 logits and is a float32 scalar, as torchvision's (its
-# binary_cross_entropy_with_logits runs in float32 under autocast): a bfloat16 loss would keep 3 digits.
-register_autocast("mask_loss", upcast=True)
-register_autocast("mask_loss_backward", upcast=False)
 
 
 # ----------------------------------------------------------------------------------------------
-# Public functions
+# Public API
 # ----------------------------------------------------------------------------------------------
 
 

@@ -50,16 +50,8 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from ._backend import (
-    FLOAT_DTYPES,
-    LINEAR_KERNEL_ANALYSIS,
-    OpValueError,
-    acc_dtype,
-    backend_for,
-    check_tensor,
-    register_autocast,
-    triton_custom_op,
-)
+from ._backend import LINEAR_KERNEL_ANALYSIS, backend_for, triton_custom_op
+from ._contract import FLOAT_DTYPES, OpValueError, acc_dtype, check_tensor
 from ._nms_kernels import forward_triton
 from ._nms_torch import forward_torch, forward_traced
 
@@ -69,7 +61,7 @@ _IDX_DTYPES = (torch.int32, torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------
-# Threshold and validation
+# Validation
 # ----------------------------------------------------------------------------------------------
 
 
@@ -129,7 +121,7 @@ def _validate_flat(boxes: Tensor, scores: Tensor, idxs: Tensor | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Greedy NMS of sorted rows: backend dispatch
+# Registration
 # ----------------------------------------------------------------------------------------------
 
 
@@ -143,22 +135,14 @@ def _nms_sorted(boxes, order, idxs, valid, iou_threshold, max_out):
     backend = backend_for(boxes)
     if backend == "torch" and is_fake(boxes):
         return forward_traced(boxes, order, idxs, valid, threshold, max_out)
-    keep = torch.empty((B, max_out), dtype=torch.int64, device=boxes.device)
-    keep_valid = torch.empty((B, max_out), dtype=torch.bool, device=boxes.device)
-    count = torch.empty((B,), dtype=torch.int64, device=boxes.device)
     impl = forward_triton if backend == "triton" else forward_torch
-    impl(boxes, order, idxs, valid, threshold, max_out, keep, keep_valid, count)
-    return keep, keep_valid, count
+    return impl(boxes, order, idxs, valid, threshold, max_out)
 
 
-# ----------------------------------------------------------------------------------------------
-# Registration
-# ----------------------------------------------------------------------------------------------
-
-
-# Inlined into CUDA graphs only where inductor's kernel analysis terminates for the NMS kernels (see
-# LINEAR_KERNEL_ANALYSIS); elsewhere a compiled CUDA graph calls the opaque op.
-@triton_custom_op("nms_fixed", inline_on_cuda=LINEAR_KERNEL_ANALYSIS)
+# torchvision's autocast rule: half boxes are suppressed as their float32 values are (bfloat16 IoUs would decide
+# boxes near the threshold differently). Inlined into CUDA graphs only where inductor's kernel analysis terminates
+# for the NMS kernels (LINEAR_KERNEL_ANALYSIS); elsewhere a compiled CUDA graph calls the opaque op.
+@triton_custom_op("nms_fixed", autocast="float32", traceable=True, inline_on_cuda=LINEAR_KERNEL_ANALYSIS)
 def _nms_fixed_op(
     boxes: Tensor,
     scores: Tensor,
@@ -181,7 +165,7 @@ def _(boxes, scores, iou_threshold, max_out, valid, idxs):
 
 
 # Opaque on CUDA too: its output size is the data's, so no graph can trace into it.
-@triton_custom_op("nms", inline_on_cuda=False)
+@triton_custom_op("nms", autocast="float32", inline_on_cuda=False)
 def _nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
     """Kept indices ``[M]`` int64 in decreasing score order; per class when ``idxs`` is given."""
     _validate_flat(boxes, scores, idxs)
@@ -202,11 +186,6 @@ def _(boxes, scores, idxs, iou_threshold):
     kept = torch.library.get_ctx().new_dynamic_size()
     return boxes.new_empty((kept,), dtype=torch.int64)
 
-
-# torchvision's autocast rule: half boxes are suppressed as their float32 values are (bfloat16 IoUs would decide
-# boxes near the threshold differently).
-register_autocast("nms", upcast=True)
-register_autocast("nms_fixed", upcast=True)
 
 
 # ----------------------------------------------------------------------------------------------

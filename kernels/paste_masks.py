@@ -51,7 +51,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import FLOAT_DTYPES, OpValueError, backend_for, check_tensor, register_autocast, triton_custom_op
+from ._backend import backend_for, triton_custom_op
+from ._contract import FLOAT_DTYPES, OpValueError, check_tensor
 from ._paste_masks_kernels import forward_triton
 from ._paste_masks_torch import backward_torch, forward_torch
 
@@ -61,11 +62,54 @@ MAX_PADDING = 1024
 
 
 # ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _validate(
+    masks: object,
+    boxes: object,
+    img_shape: object,
+    padding: object,
+    threshold: object,
+    valid: object,
+) -> None:
+    masks = check_tensor("masks", masks, ndim=4, dtypes=FLOAT_DTYPES)
+    if masks.shape[1] != 1 or masks.shape[2] < 1 or masks.shape[3] < 1:
+        raise OpValueError(f"masks must have shape [D, 1, M_h, M_w] with M_h, M_w >= 1, got {tuple(masks.shape)}")
+    boxes = check_tensor("boxes", boxes, ndim=2, dtypes=FLOAT_DTYPES, device=masks.device)
+    if boxes.shape[1] != 4 or boxes.shape[0] != masks.shape[0]:
+        raise OpValueError(
+            f"boxes must have shape [D, 4] with D = masks.shape[0] = {masks.shape[0]}, got {tuple(boxes.shape)}"
+        )
+    if (
+        not isinstance(img_shape, Sequence)
+        or len(img_shape) != 2
+        or not all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) for s in img_shape)
+        or any(s < 0 for s in img_shape)
+    ):
+        raise OpValueError(f"img_shape must be (height, width), two ints >= 0, got {img_shape!r}")
+    if not isinstance(padding, int) or isinstance(padding, bool) or not 0 <= padding <= MAX_PADDING:
+        raise OpValueError(f"padding must be an int in [0, {MAX_PADDING}], got {padding!r}")
+    if threshold is not None and (
+        not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold)
+    ):
+        raise OpValueError(f"threshold must be None or a finite number, got {threshold!r}")
+    if valid is not None:
+        valid = check_tensor("valid", valid, ndim=1, dtypes=(torch.bool,), device=masks.device)
+        if valid.shape[0] != masks.shape[0]:
+            raise OpValueError(
+                f"valid must have shape [D] with D = masks.shape[0] = {masks.shape[0]}, got {tuple(valid.shape)}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------------------------
 
 
-@triton_custom_op("paste_masks")
+# Half masks keep their dtype under autocast: the resize runs in float32 and rounds once.
+@triton_custom_op("paste_masks", autocast="keep", traceable=True)
 def _paste_masks_op(
     masks: torch.Tensor,
     boxes: torch.Tensor,
@@ -108,54 +152,15 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> t
     result is piecewise constant in them), and neither does the thresholded (bool) output."""
     boxes, valid = ctx.saved_tensors
     grad_masks = backward_torch(grad, boxes, valid, ctx.mask_shape, ctx.mask_dtype, *ctx.args)
-    return grad_masks, None, None, None, None, None, None
+    return grad_masks, *[None] * 6
 
 
 _paste_masks_op.register_autograd(_backward, setup_context=_setup_context)
-# Half masks keep their dtype under autocast: the resize runs in float32 and rounds once (see above).
-register_autocast("paste_masks", upcast=False)
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-
-
-def _validate(
-    masks: object,
-    boxes: object,
-    img_shape: object,
-    padding: object,
-    threshold: object,
-    valid: object,
-) -> None:
-    masks = check_tensor("masks", masks, ndim=4, dtypes=FLOAT_DTYPES)
-    if masks.shape[1] != 1 or masks.shape[2] < 1 or masks.shape[3] < 1:
-        raise OpValueError(f"masks must have shape [D, 1, M_h, M_w] with M_h, M_w >= 1, got {tuple(masks.shape)}")
-    boxes = check_tensor("boxes", boxes, ndim=2, dtypes=FLOAT_DTYPES, device=masks.device)
-    if boxes.shape[1] != 4 or boxes.shape[0] != masks.shape[0]:
-        raise OpValueError(
-            f"boxes must have shape [D, 4] with D = masks.shape[0] = {masks.shape[0]}, got {tuple(boxes.shape)}"
-        )
-    if (
-        not isinstance(img_shape, Sequence)
-        or len(img_shape) != 2
-        or not all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) for s in img_shape)
-        or any(s < 0 for s in img_shape)
-    ):
-        raise OpValueError(f"img_shape must be (height, width), two ints >= 0, got {img_shape!r}")
-    if not isinstance(padding, int) or isinstance(padding, bool) or not 0 <= padding <= MAX_PADDING:
-        raise OpValueError(f"padding must be an int in [0, {MAX_PADDING}], got {padding!r}")
-    if threshold is not None and (
-        not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold)
-    ):
-        raise OpValueError(f"threshold must be None or a finite number, got {threshold!r}")
-    if valid is not None:
-        valid = check_tensor("valid", valid, ndim=1, dtypes=(torch.bool,), device=masks.device)
-        if valid.shape[0] != masks.shape[0]:
-            raise OpValueError(
-                f"valid must have shape [D] with D = masks.shape[0] = {masks.shape[0]}, got {tuple(valid.shape)}"
-            )
 
 
 def paste_masks_in_image(

@@ -32,25 +32,29 @@ import torch
 from torch import Tensor, nn
 from torch.jit.annotations import BroadcastingList2
 
-from ._backend import (
+from ._backend import backend_for, triton_custom_op
+from ._contract import (
     FLOAT_DTYPES,
+    MAX_LEVELS,
     BoxesFormatError,
     OpTypeError,
     OpValueError,
-    backend_for,
     check_sampling_ratio,
     check_tensor,
-    register_autocast,
-    triton_custom_op,
 )
-from ._roi_align_kernels import MAX_LEVELS, backward_triton, forward_triton
+from ._roi_align_kernels import backward_triton, forward_triton
 from ._roi_align_torch import backward_torch, forward_torch
 
-__all__ = ["roi_align", "RoIAlign", "multiscale_roi_align", "MultiScaleRoIAlign"]
+__all__ = ["roi_align", "RoIAlign", "multiscale_roi_align", "MultiScaleRoIAlign", "infer_scales"]
 
 _POOL_MODES = ("avg", "max")
 # torchvision's LevelMapper defaults (canonical_scale, canonical_level); with a single level they pick nothing.
-CANONICAL = (224.0, 4.0)
+CANONICAL_SCALE, CANONICAL_LEVEL = 224, 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
 
 
 def _pair(output_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -124,11 +128,13 @@ def _channels_last(t: Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# One op for one or several levels: mrcnn::multiscale_roi_align (roi_align is one level of it)
+# Registration: one op for one or several levels (roi_align is one level of it)
 # ----------------------------------------------------------------------------------------------
 
 
-@triton_custom_op("multiscale_roi_align")
+# Under autocast the features keep their dtype (torchvision casts them to float32 and the result back): our
+# half kernels accumulate in float32 and round once, as that round trip does, without a float32 copy of the maps.
+@triton_custom_op("multiscale_roi_align", autocast="keep", traceable=True)
 def _multiscale_op(
     features: list[Tensor],
     rois: Tensor,
@@ -161,7 +167,7 @@ def _(features, rois, valid, scales, pooled_height, pooled_width, sampling_ratio
     return out, argmax
 
 
-@triton_custom_op("multiscale_roi_align_backward")
+@triton_custom_op("multiscale_roi_align_backward", autocast="keep")
 def _multiscale_backward_op(
     grad: Tensor,
     rois: Tensor,
@@ -203,7 +209,6 @@ def _multiscale_setup_context(ctx, inputs, output):
     features, rois, valid, *args = inputs
     ctx.save_for_backward(rois, valid, output[1])
     ctx.args = args
-    ctx.num_inputs = len(inputs)
     ctx.shape = (
         features[0].shape[0],
         [s for f in features for s in f.shape[2:]],
@@ -214,14 +219,10 @@ def _multiscale_setup_context(ctx, inputs, output):
 def _multiscale_backward(ctx, grad, _grad_argmax):
     rois, valid, argmax = ctx.saved_tensors
     grads = torch.ops.mrcnn.multiscale_roi_align_backward(grad, rois, valid, argmax, *ctx.args, *ctx.shape)
-    return (grads, *[None] * (ctx.num_inputs - 1))
+    return grads, *[None] * 10
 
 
 _multiscale_op.register_autograd(_multiscale_backward, setup_context=_multiscale_setup_context)
-# Under autocast the features keep their dtype (torchvision casts them to float32 and the result back): our
-# half kernels accumulate in float32 and round once, as that round trip does, without a float32 copy of the maps.
-register_autocast("multiscale_roi_align", upcast=False)
-register_autocast("multiscale_roi_align_backward", upcast=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,11 +303,10 @@ def roi_align(
     rois = _boxes_to_rois(boxes, input)
     # One level of the multi-level op: with one level it maps no RoI to a level (as torchvision's
     # MultiScaleRoIAlign, which then calls roi_align), so it is exactly roi_align; one registration serves both.
-    # The level mapper's arguments are unused; they are CANONICAL's values, written out because TorchScript
-    # cannot read a global.
+    # The level mapper's (canonical_scale, canonical_level) are unused with one level: any valid pair.
     return torch.ops.mrcnn.multiscale_roi_align(
         [input], rois, None, [float(spatial_scale)], output_size[0], output_size[1], sampling_ratio, bool(aligned),
-        pool_mode, 224.0, 4.0,
+        pool_mode, 1.0, 0.0,
     )[0]
 
 
@@ -352,8 +352,8 @@ def multiscale_roi_align(
     valid: Tensor | None = None,
     aligned: bool = False,
     pool_mode: str = "avg",
-    canonical_scale: float = CANONICAL[0],
-    canonical_level: float = CANONICAL[1],
+    canonical_scale: float = float(CANONICAL_SCALE),
+    canonical_level: float = float(CANONICAL_LEVEL),
 ) -> Tensor:
     """Pool every RoI from its FPN level, all levels in one launch.
 
@@ -390,7 +390,8 @@ def multiscale_roi_align(
 
 
 def infer_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
-    """torchvision's scale inference: ``2 ** round(log2(feature height / largest image height))``."""
+    """torchvision's scale inference: ``2 ** round(log2(feature height / largest image height))`` per feature map
+    (``image_shapes``: ``(h, w)`` of each image, or of the padded batch)."""
     if len(image_shapes) == 0:
         raise ValueError("image_shapes should not be empty")
     max_h = max([s[0] for s in image_shapes])
@@ -411,8 +412,8 @@ class MultiScaleRoIAlign(nn.Module):
         output_size: int | tuple[int, int] | list[int],
         sampling_ratio: int,
         *,
-        canonical_scale: int = 224,
-        canonical_level: int = 4,
+        canonical_scale: int = CANONICAL_SCALE,
+        canonical_level: int = CANONICAL_LEVEL,
         aligned: bool = False,
         pool_mode: str = "avg",
     ) -> None:

@@ -2,8 +2,10 @@
 graph breaks, torchvision's module names and checkpoints."""
 
 from .config import MaskRCNNConfig
-from .model import MaskRCNN, from_torchvision, infer_config
+from .convert import from_torchvision, infer_config, load_model
+from .model import MaskRCNN
 from .structures import Detections, Targets
 from .transform import collate
 
-__all__ = ["MaskRCNN", "MaskRCNNConfig", "Targets", "Detections", "collate", "from_torchvision", "infer_config"]
+__all__ = ["MaskRCNN", "MaskRCNNConfig", "Targets", "Detections", "collate", "from_torchvision", "infer_config",
+           "load_model"]

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, RNG state capture, and loading a model from ours or torchvision's.
+"""Checkpoint files: atomic writes, reading ours or torchvision's with errors that name the file, RNG state.
 
 A training checkpoint (``mrcnn.train`` writes ``checkpoint.pt``) is a dict::
 
@@ -10,7 +10,7 @@ A training checkpoint (``mrcnn.train`` writes ``checkpoint.pt``) is a dict::
 
 Everything in it is a tensor, a number, a string, or a list/tuple/dict of those, so that
 ``torch.load(weights_only=True)`` reads it (numpy's RNG state is stored as a tensor for that reason), and
-its ``"model"`` entry is what ``load_model`` (and so ``MaskRCNN.from_torchvision_checkpoint``) looks for.
+its ``"model"`` entry is what ``mrcnn.load_model`` looks for.
 Loading names the file in every error: unreadable, not a dict, no Mask R-CNN weights, weights that do not
 fit, an invalid config, or (for ``--resume``) not a training checkpoint.
 """
@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from .config import MaskRCNNConfig
-from .model import MaskRCNN, infer_config
 
 __all__ = [
-    "CheckpointError", "atomic_save", "config_from_dict", "load_checkpoint", "load_model", "load_training_checkpoint",
+    "CheckpointError", "atomic_save", "config_from_dict", "load_checkpoint", "load_training_checkpoint",
     "model_state", "rng_state", "set_rng_state",
 ]  # fmt: skip
 
@@ -99,30 +98,6 @@ def model_state(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str, torc
     if not isinstance(state, dict) or _MASK_RCNN_KEY not in state:
         raise CheckpointError(f"{path} holds no Mask R-CNN weights (no {_MASK_RCNN_KEY!r})")
     return state
-
-
-def load_model(
-    path: str | os.PathLike, config: MaskRCNNConfig | None = None, device: str | torch.device = "cpu"
-) -> tuple[MaskRCNN, dict[str, Any]]:
-    """A model in eval mode from our training checkpoint or a torchvision Mask R-CNN checkpoint: the one
-    loader (``MaskRCNN.from_torchvision_checkpoint``, ``mrcnn.evaluate`` and ``mrcnn.predict`` use it).
-
-    The architecture fields come from the weights (``infer_config``); the others from ``config`` when given,
-    else from the config our checkpoints carry (so a 128 px model reloads at 128 px), else torchvision's
-    defaults. Returns ``(model, checkpoint)``; the checkpoint's other entries (``classes``,
-    ``label_to_cat``, ...) are there when we wrote it. Errors name the file.
-    """
-    ckpt = load_checkpoint(path)
-    state = model_state(ckpt, path)
-    if config is None and "config" in ckpt:
-        config = config_from_dict(ckpt["config"], path)
-    try:
-        model = MaskRCNN(infer_config(state, config))
-        model.load_state_dict(state, strict=True)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"the weights in {path} do not fit a Mask R-CNN: {type(e).__name__}: {e}") from e
-    info = ckpt if "model" in ckpt else {"model": state}
-    return model.to(device).eval(), info
 
 
 def config_from_dict(d: Any, path: str | os.PathLike) -> MaskRCNNConfig:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError
 from .cli import (
     Process,
     add_data_args,
@@ -33,6 +33,7 @@ from .cli import (
     use_backend,
     write_json,
 )
+from .convert import load_model
 from .data import coco_evaluate, coco_ground_truth, collate_list, to_coco_results
 from .model import MaskRCNN
 

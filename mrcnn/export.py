@@ -43,7 +43,8 @@ from torch import nn
 
 import kernels
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError
+from .convert import load_model
 from .model import MaskRCNN
 
 __all__ = ["export_program", "export_package", "package_info", "onnx_translations", "main"]

@@ -20,8 +20,9 @@ from typing import Any
 
 from PIL import Image
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError
 from .cli import add_device_args, reexec_for_cpu, select_device, use_backend, write_json
+from .convert import load_model
 from .data import read_image, to_coco_results
 from .visualize import draw_detections
 

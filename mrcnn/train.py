@@ -62,9 +62,10 @@ from torch.utils.data import Dataset, Subset
 from .checkpoint import CheckpointError, load_checkpoint, load_training_checkpoint, model_state
 from .cli import Process, add_data_args, add_device_args, base_dataset, build_eval_dataset, reexec_for_cpu, use_backend
 from .config import MaskRCNNConfig, check_field
+from .convert import infer_config
 from .data import build_dataset
 from .engine import BadTargetError, NonFiniteError, Trainer, TrainingSetup
-from .model import MaskRCNN, infer_config
+from .model import MaskRCNN
 
 __all__ = ["SHAPES_PRESET", "build_config", "cli", "main", "parse_args", "prepare"]
 

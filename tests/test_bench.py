@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.kernels import SM80, SM90, below_floor, committed_hash, occupancy, select, sources_hash
+from bench.kernels import SM80, SM90, below_floor, code_of, committed_hash, occupancy, select, sources_hash
 from bench.report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +140,32 @@ def test_committed_kernel_report_is_fresh() -> None:
         "bench/results/kernels-sm90.md is stale (kernels/, the suites or bench.kernels changed): "
         "regenerate it with `python -m bench.kernels` (about 10 minutes on 2 cores) and commit it"
     )
+
+
+_KERNEL_MODULE = '''"""A kernel module."""
+import triton
+
+
+# 4 warps: measured fastest
+@triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=4)], key=["n"])
+@triton.jit
+def _kernel(x_ptr, n, BLOCK: tl.constexpr):
+    """Doubles x."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, 2 * tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+'''
+
+
+def test_report_hash_ignores_prose_and_tracks_code() -> None:
+    """A comment, docstring or formatting edit of a kernel module leaves the report fresh (``code_of`` unchanged);
+    an edit of a kernel's code or autotune configs stales it."""
+    src = _KERNEL_MODULE
+    prose = src.replace("Doubles x.", "Doubles x, masked.").replace("# 4 warps", "# four warps").replace(
+        "offs < n), mask", "offs < n),  mask"
+    )
+    assert prose != src and code_of(prose) == code_of(src)
+    for code_edit in (src.replace("2 * tl", "3 * tl"), src.replace("num_warps=4", "num_warps=8")):
+        assert code_of(code_edit) != code_of(src)
 
 
 def _row(config: str, launch: str, spills: int, blocks: int, warps: int = 4, source: str = "coco") -> dict:

@@ -1,6 +1,6 @@
 """RoIAlign's Triton kernels with the bins-fast tile order under the interpreter.
 
-The interpreter runs only the first autotune config (``kernels._backend.autotune_configs``), which orders a
+The interpreter runs only the first autotune config (``kernels._triton_utils.autotune_configs``), which orders a
 program's tile channel-fast; a GPU's autotuner may pick a bins-fast one (``BINS_FAST``, see
 ``kernels._roi_align_kernels``). The ``backend`` fixtures of the RoIAlign tests run every test a third time
 inside ``bins_fast_tiles()``, so that both orders are tested before any GPU runs them.

@@ -1,4 +1,4 @@
-"""64-bit address arithmetic (issue 11): the kernels multiply every int32 index (a program id, a ``tl.arange`` lane,
+"""64-bit address arithmetic: the kernels multiply every int32 index (a program id, a ``tl.arange`` lane,
 an int32 load, a loop index) and every constant that meets a stride through ``kernels._triton_utils.offset64``.
 
 Here that helper runs inside a tiny kernel on the argument types the kernels give it (an int argument below 2**31,
@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._backend import INTERPRET
-from kernels._triton_utils import loop_bound, offset64
+from kernels._triton_utils import INTERPRET, loop_bound, offset64
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 

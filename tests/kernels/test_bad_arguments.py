@@ -1,4 +1,4 @@
-"""Hostile op arguments (issue 11): absurd sampling ratios, scales and paddings are refused with an error naming
+"""Hostile op arguments: absurd sampling ratios, scales and paddings are refused with an error naming
 the argument; coordinates that overflow once scaled give the documented zeros on both backends; and over a space
 of hostile RoIAlign calls the Triton kernels (interpreter) and the torch path agree, on a value or on the error.
 """
@@ -13,8 +13,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels import batched_nms, decode_boxes, mask_loss, multiscale_roi_align, paste_masks_in_image, roi_align
-from kernels._backend import MAX_SAMPLES_PER_SIDE, use_backend
+from kernels import (
+    batched_nms,
+    decode_boxes,
+    mask_loss,
+    multiscale_roi_align,
+    paste_masks_in_image,
+    roi_align,
+    use_backend,
+)
+from kernels._contract import MAX_SAMPLES_PER_SIDE
 from kernels.paste_masks import MAX_PADDING
 from kernels.roi_align import MultiScaleRoIAlign, RoIAlign
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 
-from kernels._backend import use_backend
+from kernels import use_backend
 from kernels.box_coder import BoxCoder, decode_boxes, encode_boxes
 from tests.tolerances import coordinate_atol, tol
 

@@ -1,4 +1,4 @@
-"""Issue 12: ``patch_torchvision()`` is a drop-in for the ways torchvision's users drive its ops: TorchScript
+"""``patch_torchvision()`` is a drop-in for the ways torchvision's users drive its ops: TorchScript
 (a scripted patched Mask R-CNN, scripted ops), FX (``symbolic_trace``, ``create_feature_extractor``), autocast
 (nms and RoIAlign under CPU autocast against torchvision's), quantized tensors, and the empty / error cases
 torchvision's own tests and its users rely on. Op-level checks run on both backends (Triton's interpreter and the
@@ -14,8 +14,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import kernels
-from kernels import batched_nms, multiscale_roi_align, nms, nms_fixed, paste_masks_in_image, roi_align
-from kernels._backend import use_backend
+from kernels import batched_nms, multiscale_roi_align, nms, nms_fixed, paste_masks_in_image, roi_align, use_backend
 
 pytestmark = [
     # torch 2.14 deprecates TorchScript, which is exactly what these users still run.

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
 
-from kernels._backend import use_backend
+from kernels import use_backend
 from kernels.mask_loss import EPS, mask_loss, maskrcnn_loss
 from tests.reference import mask_target_ref
 from tests.tolerances import coordinate_atol, subnormal_atol, tol

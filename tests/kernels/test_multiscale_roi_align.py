@@ -16,7 +16,7 @@ import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels._backend import use_backend
+from kernels import use_backend
 from kernels.roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
 from tests.kernels.roi_align_tiles import bins_fast_tiles
 from tests.reference import (

@@ -14,7 +14,7 @@ import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels._backend import use_backend
+from kernels import use_backend
 from kernels.nms import batched_nms, nms, nms_fixed
 
 BACKENDS = ("triton", "torch")

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_masks_in_image
 
-from kernels._backend import use_backend
+from kernels import use_backend
 from kernels.paste_masks import paste_masks_in_image
 from tests.tolerances import tol
 

@@ -17,8 +17,8 @@ import torchvision
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kernels._backend import use_backend
-from kernels.roi_align import CANONICAL, RoIAlign, roi_align
+from kernels import use_backend
+from kernels.roi_align import CANONICAL_LEVEL, CANONICAL_SCALE, RoIAlign, roi_align
 from tests.kernels.roi_align_tiles import bins_fast_tiles
 from tests.reference import (
     boxes_to_rois,
@@ -27,6 +27,8 @@ from tests.reference import (
     roi_align_ref_backward,
 )
 from tests.tolerances import tol
+
+CANONICAL = (float(CANONICAL_SCALE), float(CANONICAL_LEVEL))
 
 
 def _roi_align_op(x: torch.Tensor, rois: torch.Tensor, scale: float, ph: int, pw: int, sampling_ratio: int,

@@ -33,8 +33,8 @@ from kernels import (
     nms_fixed,
     paste_masks_in_image,
     roi_align,
+    use_backend,
 )
-from kernels._backend import use_backend
 from tests.tolerances import tol
 
 Case = Callable[[str], Callable[[], list[Tensor]]]

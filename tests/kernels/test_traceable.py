@@ -1,4 +1,4 @@
-"""RoIAlign's torch path traces into plain aten ops (issue 10: an AOTInductor package on CPU with no custom op).
+"""RoIAlign's torch path traces into plain aten ops (an AOTInductor package on CPU with no custom op).
 
 ``torch.export`` keeps our ops opaque (their fake implementations); ``run_decompositions`` with an op's python
 implementation then traces the torch path under fake tensors. The graph must hold no ``mrcnn`` op and compute what
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import kernels
-from kernels._backend import use_backend
+from kernels import use_backend
 from tests.kernels.test_multiscale_roi_align import pyramid, random_rois
 from tests.tolerances import tol
 

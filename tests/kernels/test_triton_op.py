@@ -1,5 +1,5 @@
 """Registration as ``triton_op`` (``kernels._backend.TritonCustomOp``): on CUDA, a compiled graph launches our
-Triton kernels itself; everywhere else it keeps one opaque node per op call, as before.
+Triton kernels itself; everywhere else it keeps one opaque node per op call.
 
 The CUDA side is checked without a GPU: ``tests/kernels/fake_cuda_graphs.py`` traces every op (and a small
 model's eval forward) over fake CUDA tensors the way inductor does before lowering, in a process without

@@ -1,4 +1,4 @@
-"""Export (issue 10): ``python -m mrcnn.export`` writes an AOTInductor package that a Python process which cannot
+"""Export: ``python -m mrcnn.export`` writes an AOTInductor package that a Python process which cannot
 import ``kernels`` or ``mrcnn`` loads and runs, giving the eager model's detections; the README's snippet runs
 as written; bad use gets a clear error.
 

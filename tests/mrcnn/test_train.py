@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrcnn import MaskRCNN, engine, train
-from mrcnn.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model
+from mrcnn import MaskRCNN, engine, load_model, train
+from mrcnn.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from mrcnn.cli import Process
 from mrcnn.data import ShapesDataset, write_coco
 
@@ -96,14 +96,10 @@ def test_outputs(full_run: Path) -> None:
     assert ckpt["step"] == 4 and ckpt["sampler"] == {"epoch": 0, "batch": 4, "seed": 0}
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "config", "classes", "label_to_cat"} <= set(ckpt)
     assert not list(full_run.glob(".*.tmp*")), "temporary files left behind"
-    # Loadable by our loader and by MaskRCNN.from_torchvision_checkpoint, both with the config it carries (a
-    # 64 px model reloads at 64 px, not at torchvision's 800).
+    # Loadable by our loader with the config it carries (a 64 px model reloads at 64 px, not at torchvision's 800).
     model, _ = load_model(full_run / "checkpoint.pt")
     assert model.config.fpn_channels == 32 and model.config.num_classes == 5 and model.config.min_size == 64
-    again = MaskRCNN.from_torchvision_checkpoint(full_run / "checkpoint.pt")
-    assert again.config == model.config and again.training
-    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert not model.training
 
 
 def test_resume_is_bit_exact(full_run: Path, tmp_path: Path) -> None:
@@ -286,7 +282,7 @@ def test_bad_checkpoints_name_the_file(tmp_path: Path) -> None:
             load_checkpoint(tmp_path / name)
     # A dict without Mask R-CNN weights: not loadable as a model, nor as --init weights.
     foreign = tmp_path / "whole.pt"
-    for load in (load_model, MaskRCNN.from_torchvision_checkpoint, train.load_init_state):
+    for load in (load_model, train.load_init_state):
         with pytest.raises(CheckpointError, match=re.escape(f"{foreign} holds no Mask R-CNN weights")):
             load(foreign)
 
