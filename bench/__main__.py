@@ -42,6 +42,7 @@ import torch
 
 from bench import bench_device, copy_bandwidth, device_name, matmul_rate
 from bench.report import no_chart_reason, write_report
+from mrcnn.cli import CPU_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_TIMED_OUT = 3  # every suite passed or was stopped by the time budget (keeping its finished rows)
@@ -113,6 +114,10 @@ def run_suite(
     env["BENCH_QUICK"] = "1" if quick else "0"
     if device.type == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the suites choose their shapes by device
+    if quick and "OMP_WAIT_POLICY" not in env:
+        # mrcnn's CPU commands set these too (mrcnn.cli.CPU_ENV): on a shared CPU, OpenMP's default spinning
+        # made a model call several times slower. Full runs keep the environment they are given.
+        env = {**CPU_ENV, **env}
     with tempfile.TemporaryDirectory() as tmp:
         out, partial = Path(tmp) / "bench.json", Path(tmp) / "partial.jsonl"
         env["BENCH_PARTIAL"] = str(partial)  # bench/conftest.py appends every finished benchmark
@@ -170,8 +175,9 @@ def run(out_dir: Path, quick: bool = False, only: Sequence[str] = (), extra_suit
     deadline = time.monotonic() + time_budget - GRACE if time_budget is not None else None
     selected, left_out = suites(only, skip, quick)
     todo = [*selected, *extra_suites]
-    for name in left_out:
-        print(f"--quick leaves out test_{name}.py ({QUICK_SKIPS[name]}): python -m bench --only {name} runs it")
+    for suite_name in left_out:
+        print(f"--quick leaves out test_{suite_name}.py ({QUICK_SKIPS[suite_name]}): python -m bench --only "
+              f"{suite_name} runs it")  # fmt: skip
     if not todo:
         raise SystemExit("python -m bench: no suite selected")
     start = datetime.datetime.now(datetime.timezone.utc)
