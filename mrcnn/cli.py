@@ -75,10 +75,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
 def _one_line(error: BaseException) -> str:
     """The error's message on one line. An error raised in a DataLoader worker arrives with the worker's
     traceback in its message ("Caught ValueError in DataLoader worker process 0. Original Traceback ..."); its
-    last line is the error itself."""
+    last line is the error itself ("ValueError: ...", printed without the type)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if any(line.startswith("Original Traceback") for line in lines):
-        return lines[-1]
+        return lines[-1].removeprefix(f"{type(error).__name__}: ")
     return " ".join(lines) or type(error).__name__
 
 

@@ -110,9 +110,11 @@ def test_train_undecodable_image(tmp_path: Path, capsys: pytest.CaptureFixture[s
     broken = sorted((tmp_path / "images").glob("*.png"))
     for path in broken:
         path.write_text("not an image\n")
-    _fails(train.cli, [*TINY, "--data", "coco", "--ann", str(tmp_path / "train.json"), "--images",
-                       str(tmp_path / "images"), "--no-eval", "--iters", "1", "--out", str(tmp_path / "run")],
-           capsys, 1, "cannot decode image", str(tmp_path / "images"))  # fmt: skip
+    argv = [*TINY, "--data", "coco", "--ann", str(tmp_path / "train.json"), "--images", str(tmp_path / "images"),
+            "--no-eval", "--iters", "1", "--out", str(tmp_path / "run")]  # fmt: skip
+    for workers in ("0", "1"):  # in this process, and in a DataLoader worker
+        line = _fails(train.cli, [*argv, "--workers", workers], capsys, 1, "cannot decode image", str(broken[0].parent))
+        assert line.startswith(f"error: {tmp_path / 'train.json'}: image id "), line
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -238,4 +240,5 @@ def test_errors_from_dataloader_workers_are_one_line(capsys: pytest.CaptureFixtu
             '  File "x.py", line 1, in f\nValueError: cannot decode image a.png: broken'
         )
 
-    _fails(lambda argv: run_cli("mrcnn.train", main, argv), [], capsys, 1, "ValueError: cannot decode image a.png")
+    line = _fails(lambda argv: run_cli("mrcnn.train", main, argv), [], capsys, 1)
+    assert line == "error: cannot decode image a.png: broken"
