@@ -7,19 +7,24 @@ CUDA, fp32 on CPU). Writes ``<out>/<device>-<date>.json`` (the suites' raw pytes
 with the 20th/80th percentiles in place of the list of rounds, plus device, library versions, git
 commit and the two baselines), then the table and the chart of ``bench.report`` next to it.
 
-``--quick`` is a smoke run for CI: CPU, one case per benchmark and provider, one round each, small
-baselines. ``--time-budget`` bounds the suites' total time (each gets an equal share of what is left;
+``--quick`` is a smoke run (about a minute or two on a 2-core CPU): CPU, one case per benchmark and provider,
+the median of three calls each (or the suite's own fixed rounds), small baselines, and the compile-heavy suites
+(``QUICK_SKIPS``) left out unless named in ``--only``; its table gives times as smoke figures, without speedups,
+and no chart. ``--time-budget`` bounds the suites' total time (each gets an equal share of what is left;
 one over its share gets SIGINT, so that pytest-benchmark still writes the rows it finished, and SIGKILL
 ``GRACE`` seconds later), ``--max-time`` each benchmark's. The results file is rewritten after every
 suite, so a run killed from outside keeps the suites it finished. ``--name`` sets the file's stem,
 ``--no-report`` skips the table and chart (``python -m bench.report <json>`` makes them later).
-Exit status: 0 when every suite passed, 3 when the only trouble was suites stopped by the budget, else 1.
+Exit status: 0 when every suite passed, 3 when the only trouble was suites stopped by the budget, 2 when the
+suites cannot run here (pytest-benchmark is not installed: ``pip install -e ".[bench]"``; nothing is written),
+else 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -36,18 +41,34 @@ from typing import Any
 import torch
 
 from bench import bench_device, copy_bandwidth, device_name, matmul_rate
-from bench.report import write_report
+from bench.report import no_chart_reason, write_report
+from mrcnn.cli import CPU_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_TIMED_OUT = 3  # every suite passed or was stopped by the time budget (keeping its finished rows)
 GRACE = 10.0  # seconds between SIGINT and SIGKILL for a suite over its time: pytest's summary and JSON
+EXIT_CANNOT_RUN = 2  # what the suites need is not installed
+# Suites a --quick run leaves out (unless named in --only), and why. On a 2-core CPU the export suite took 409 s
+# of a 538 s quick run: inductor and AOTInductor compile the model, and the ONNX export traces it.
+QUICK_SKIPS = {"export": "compiles the model into a package and an ONNX model, minutes on a CPU"}
+# What the suites import beyond this project's own dependencies, with the distribution that provides it.
+REQUIREMENTS = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark"}
 
 
-def suites(only: Sequence[str] = (), skip: Sequence[str] = ()) -> list[Path]:
-    """The suites ``bench/test_<name>.py``: those named in ``only`` (all if empty), less those in ``skip``."""
+def missing_requirements() -> list[str]:
+    """The distributions the suites need that are not installed (pytest-benchmark and the pytest it runs in)."""
+    return [dist for module, dist in REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+
+
+def suites(only: Sequence[str] = (), skip: Sequence[str] = (), quick: bool = False) -> tuple[list[Path], list[str]]:
+    """The suites ``bench/test_<name>.py`` to run: those named in ``only`` (all if empty), less those in ``skip``
+    and, for a ``quick`` run without ``only``, those of ``QUICK_SKIPS``; and the names that ``quick`` left out."""
     files = sorted((ROOT / "bench").glob("test_*.py"))
     names = {f: f.stem.removeprefix("test_") for f in files}
-    return [f for f in files if (not only or names[f] in only) and names[f] not in skip]
+    left_out = (
+        [name for name in QUICK_SKIPS if name in names.values() and name not in skip] if quick and not only else []
+    )
+    return [f for f in files if (not only or names[f] in only) and names[f] not in (*skip, *left_out)], left_out
 
 
 def _versions() -> dict[str, str | None]:
@@ -93,13 +114,19 @@ def run_suite(
     env["BENCH_QUICK"] = "1" if quick else "0"
     if device.type == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the suites choose their shapes by device
+    if quick and "OMP_WAIT_POLICY" not in env:
+        # mrcnn's CPU commands set these too (mrcnn.cli.CPU_ENV): on a shared CPU, OpenMP's default spinning
+        # made a model call several times slower. Full runs keep the environment they are given.
+        env = {**CPU_ENV, **env}
     with tempfile.TemporaryDirectory() as tmp:
         out, partial = Path(tmp) / "bench.json", Path(tmp) / "partial.jsonl"
         env["BENCH_PARTIAL"] = str(partial)  # bench/conftest.py appends every finished benchmark
         cmd = [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                f"--benchmark-json={out}", "--benchmark-sort=fullname"]  # fmt: skip
         if quick:
-            cmd += ["--benchmark-min-rounds=1", "--benchmark-max-time=0", "--benchmark-warmup=off"]
+            # The median of three calls, after pytest-benchmark's calibration call (the warm-up): one call on a
+            # shared CPU can be one spike (a one-call quick run once gave NMS 1.7 s; it takes ~45 ms here).
+            cmd += ["--benchmark-min-rounds=3", "--benchmark-max-time=0", "--benchmark-warmup=off"]
         else:
             # Warm-up rounds absorb autotuning and compilation (the first call of a Triton kernel).
             cmd += ["--benchmark-warmup=on", "--benchmark-warmup-iterations=5"]
@@ -146,7 +173,11 @@ def run(out_dir: Path, quick: bool = False, only: Sequence[str] = (), extra_suit
     benchmarks, statuses, machine_info = [], {}, {}
     # The last suite stopped may take GRACE seconds past its share to write its rows.
     deadline = time.monotonic() + time_budget - GRACE if time_budget is not None else None
-    todo = [*suites(only, skip), *extra_suites]
+    selected, left_out = suites(only, skip, quick)
+    todo = [*selected, *extra_suites]
+    for suite_name in left_out:
+        print(f"--quick leaves out test_{suite_name}.py ({QUICK_SKIPS[suite_name]}): python -m bench --only "
+              f"{suite_name} runs it")  # fmt: skip
     if not todo:
         raise SystemExit("python -m bench: no suite selected")
     start = datetime.datetime.now(datetime.timezone.utc)
@@ -165,7 +196,7 @@ def run(out_dir: Path, quick: bool = False, only: Sequence[str] = (), extra_suit
     if report:
         table, chart = write_report(results, path.with_suffix(""))
         print(table.read_text())
-        print(f"wrote {path}, {table}" + (f", {chart}" if chart else " (no chart: matplotlib is not installed)"))
+        print(f"wrote {path}, {table}" + (f", {chart}" if chart else f" ({no_chart_reason(results)})"))
     else:
         print(f"wrote {path}")
     return path
@@ -192,7 +223,9 @@ def _results(device: torch.device, start: datetime.datetime, quick: bool, bandwi
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CPU smoke run: one case per benchmark, one round")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU smoke run of a minute or two: one case per benchmark, three calls, no export "
+                        "suite; smoke figures, no speedups")  # fmt: skip
     parser.add_argument("--only", default="", help="suites to run, comma-separated (roi_align,nms,...)")
     parser.add_argument("--skip", default="", help="suites not to run, comma-separated (model,...)")
     parser.add_argument("--name", help="stem of the results file (default: <device>-<date>)")
@@ -202,6 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-time", type=float, help="pytest-benchmark --benchmark-max-time per benchmark (s)")
     parser.add_argument("--time-budget", type=float, help="seconds for all suites; a suite over its share is stopped")
     args = parser.parse_args(argv)
+    missing = missing_requirements()
+    if missing:
+        print(f"error: python -m bench runs its suites with pytest-benchmark; not installed: {', '.join(missing)}. "
+              'Install the bench extra: pip install -e ".[bench]"', file=sys.stderr)  # fmt: skip
+        return EXIT_CANNOT_RUN
     only, skip = ([s.strip() for s in arg.split(",") if s.strip()] for arg in (args.only, args.skip))
     path = run(args.out_dir, args.quick, only, [p.resolve() for p in args.suite], args.max_time, args.time_budget,
                skip, args.name, not args.no_report)  # fmt: skip

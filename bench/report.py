@@ -3,7 +3,10 @@
 Writes ``<file>.md`` (op, shape, dtype, mode, one column per provider with the median time and its
 20th-80th percentile range, the speedup of ours over torchvision, and the % of the measured copy
 bandwidth reached by ours where the suite reports the bytes the op must move) and ``<file>.png``
-(speedups as bars) next to the results file.
+(speedups as bars, each value printed in a column right of the plot) next to the results file.
+
+A smoke run's results (``python -m bench --quick``: a few calls per case) make a table of times headed as smoke
+figures, with neither speedups nor bandwidth shares, and no chart: they say that a suite runs, not how fast.
 
 A benchmark is described by its ``extra_info`` (``op``, ``shape``, ``dtype``, ``mode``, ``provider``,
 ``bytes``), else by its pytest parameters of those names; the op defaults to the suite's name and a
@@ -88,40 +91,71 @@ def bandwidth_share(row: dict[str, Any], bandwidth_gbps: float | None) -> float 
     return row["bytes"] / ours[0] / (bandwidth_gbps * 1e9)
 
 
+SMOKE_NOTE = (
+    "**Smoke figures, not a benchmark** (`python -m bench --quick`): a few calls per case at reduced CPU shapes, "
+    "compile-heavy suites left out. They show that each suite runs; so few calls say little about speed, so no "
+    "speedup is given. `python -m bench` measures."
+)
+
+
 def markdown(results: dict[str, Any]) -> str:
     providers, table = rows(results)
     versions = results.get("versions", {})
     git = results.get("git", {})
     bandwidth = results.get("copy_bandwidth_gbps")
-    quick = " (quick)" if results.get("quick") else ""
+    smoke = bool(results.get("quick"))
     lines = [
-        f"# Benchmarks: {results.get('device', '?')}, {results.get('date', '?')}{quick}",
+        f"# {'Smoke run' if smoke else 'Benchmarks'}: {results.get('device', '?')}, {results.get('date', '?')}",
         "",
         f"torch {versions.get('torch')}, triton {versions.get('triton')}, torchvision {versions.get('torchvision')}"
         f"; commit {(git.get('commit') or 'none')[:12]}{' (dirty)' if git.get('dirty') else ''}.",
-        f"Copy bandwidth {bandwidth:.1f} GB/s (read + write); {results.get('matmul_dtype')} matmul "
-        f"{results.get('matmul_tflops', 0):.3g} TFLOP/s." if bandwidth else "Copy bandwidth not measured.",
-        "Times: median (20th-80th percentile). Speedup: torchvision / ours. "
-        "% of bandwidth: bytes the op must move / our median / copy bandwidth.",
-        "",
-        "| " + " | ".join([*FIELDS, *providers, "speedup", "% of bandwidth"]) + " |",
-        "|" + "---|" * len(FIELDS) + "--:|" * (len(providers) + 2),
-    ]  # fmt: skip
+    ]
+    if smoke:
+        lines += [SMOKE_NOTE, ""]
+        derived = []
+    else:
+        lines += [
+            f"Copy bandwidth {bandwidth:.1f} GB/s (read + write); {results.get('matmul_dtype')} matmul "
+            f"{results.get('matmul_tflops', 0):.3g} TFLOP/s." if bandwidth else "Copy bandwidth not measured.",
+            "Times: median (20th-80th percentile). Speedup: torchvision / ours. "
+            "% of bandwidth: bytes the op must move / our median / copy bandwidth.",
+            "",
+        ]  # fmt: skip
+        derived = ["speedup", "% of bandwidth"]
+    lines += [
+        "| " + " | ".join([*FIELDS, *providers, *derived]) + " |",
+        "|" + "---|" * len(FIELDS) + "--:|" * (len(providers) + len(derived)),
+    ]
     for row in sorted(table, key=lambda r: r["key"]):
-        s, share = speedup(row), bandwidth_share(row, bandwidth)
         cells = [*row["key"], *(_fmt_time(row["times"].get(p)) for p in providers)]
-        cells += [f"{s:.2f}x" if s is not None else "-", f"{share:.0%}" if share is not None else "-"]
+        if not smoke:
+            s, share = speedup(row), bandwidth_share(row, bandwidth)
+            cells += [f"{s:.2f}x" if s is not None else "-", f"{share:.0%}" if share is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     if not table:
-        lines.append("| " + " | ".join(["-"] * (len(FIELDS) + 2)) + " |")
+        lines.append("| " + " | ".join(["-"] * (len(FIELDS) + len(derived))) + " |")
     failed = {name: status for name, status in results.get("suites", {}).items() if " exit 0," not in status}
     if failed:
         lines += ["", "Suites that did not pass: " + "; ".join(failed.values())]
     return "\n".join(lines) + "\n"
 
 
-def chart(results: dict[str, Any], path: Path) -> Path | None:
-    """A bar chart of the speedups; ``None`` (nothing written) without matplotlib."""
+def _speedup_label(value: float) -> str:
+    """``141x``, ``2.10x``, ``0.0031x``: two decimals, whole numbers from 100x, and two significant digits below
+    0.1x (where ``0.00x`` would say nothing)."""
+    if value >= 100:
+        return f"{value:.0f}x"
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
+
+
+def chart_figure(results: dict[str, Any]) -> Any:
+    """The speedup chart as a matplotlib ``Figure``, or ``None`` (without matplotlib, or for a smoke run).
+
+    One horizontal bar per case, growing from 1x on a log axis (right: faster than torchvision, left: slower). The
+    case names are the left axis's labels and the values the right axis's, one per bar, so that no text sits
+    inside the plot where a long bar could run into it, and ``tight_layout`` keeps both columns in the figure."""
+    if results.get("quick"):
+        return None
     try:
         import matplotlib
 
@@ -135,42 +169,65 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.3 * max(len(bars), 1)))
     ax.set_xscale("log")  # 0.5x and 2x are the same distance from 1x
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     if bars:
         labels, values = zip(*bars, strict=True)
-        # Bars grow from 1x: right is faster than torchvision, left is slower.
-        ax.barh(labels, [v - 1 for v in values], left=1, color=["tab:green" if v >= 1 else "tab:red" for v in values])
-        for y, v in enumerate(values):
-            ax.annotate(f"{v:.2f}x", (v, y), xytext=(3 if v >= 1 else -3, 0), textcoords="offset points",
-                        ha="left" if v >= 1 else "right", va="center", fontsize=7)  # fmt: skip
+        positions = range(len(bars))
+        ax.barh(
+            positions, [v - 1 for v in values], left=1, color=["tab:green" if v >= 1 else "tab:red" for v in values]
+        )
         lo, hi = min(*values, 1.0), max(*values, 1.0)
         ax.set_xlim(lo / 1.6, hi * 1.6)
-        ax.invert_yaxis()
+        ax.set_ylim(len(bars) - 0.5, -0.5)  # the first case on top
+        ax.set_yticks(positions, labels)
+        values_axis = ax.twinx()
+        values_axis.set_ylim(ax.get_ylim())
+        values_axis.set_yticks(positions, [_speedup_label(v) for v in values])
+        values_axis.tick_params(axis="y", labelsize=7, length=0)
     else:
+        ax.set_yticks([])
         ax.text(0.5, 0.5, "no case has both ours and torchvision", ha="center", va="center", transform=ax.transAxes)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("speedup over torchvision")
     ax.set_title(f"{results.get('device', '?')} {results.get('date', '')[:10]}", fontsize=10)
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
+    return fig
+
+
+def chart(results: dict[str, Any], path: Path) -> Path | None:
+    """``chart_figure`` saved to ``path``; ``None`` (nothing written) where there is no chart."""
+    fig = chart_figure(results)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
 def write_report(results: dict[str, Any], stem: Path) -> tuple[Path, Path | None]:
-    """Write ``<stem>.md`` and ``<stem>.png``; return their paths (the chart's ``None`` without matplotlib)."""
+    """Write ``<stem>.md`` and ``<stem>.png``; return their paths (the chart's ``None`` where there is none: a
+    smoke run, or no matplotlib)."""
     table = stem.parent / f"{stem.name}.md"
     table.write_text(markdown(results))
     return table, chart(results, stem.parent / f"{stem.name}.png")
+
+
+def no_chart_reason(results: dict[str, Any]) -> str:
+    """Why ``chart`` wrote nothing for these results."""
+    return "no chart for a smoke run" if results.get("quick") else "no chart: matplotlib is not installed"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a results JSON written by python -m bench")
     args = parser.parse_args(argv)
-    table, png = write_report(json.loads(args.results.read_text()), args.results.with_suffix(""))
+    results = json.loads(args.results.read_text())
+    table, png = write_report(results, args.results.with_suffix(""))
     print(table.read_text())
-    print(f"wrote {table}" + (f" and {png}" if png else " (no chart: matplotlib is not installed)"))
+    print(f"wrote {table}" + (f" and {png}" if png else f" ({no_chart_reason(results)})"))
     return 0
 
 

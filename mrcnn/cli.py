@@ -1,6 +1,7 @@
-"""What the command lines ``mrcnn.train``, ``mrcnn.evaluate`` and ``mrcnn.predict`` share: the process set-up
-(CPU environment, device, torch.distributed, kernels' backend), their device and data options, and atomic
-file writes."""
+"""What the command lines ``mrcnn.train``, ``mrcnn.evaluate``, ``mrcnn.predict`` and ``mrcnn.export`` share: the
+console entry point (a user's mistake as one ``error:`` line), the process set-up (CPU environment, device,
+torch.distributed, kernels' backend), their device, data and file options, output folders and atomic file
+writes."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -22,8 +25,9 @@ import kernels
 from .data import build_dataset
 
 __all__ = [
-    "CPU_ENV", "Process", "add_data_args", "add_device_args", "base_dataset", "build_eval_dataset", "positive_int",
-    "reexec_for_cpu", "select_device", "use_backend", "write_json", "write_text",
+    "CPU_ENV", "USER_ERRORS", "ArgumentParser", "Process", "add_data_args", "add_device_args", "base_dataset",
+    "build_eval_dataset", "device_name", "existing_dir", "existing_file", "non_negative_int", "output_folder",
+    "positive_int", "reexec_for_cpu", "run_cli", "select_device", "use_backend", "write_json", "write_text",
 ]  # fmt: skip
 
 # Set for CPU runs by ``reexec_for_cpu`` where the user has not set them. Measured on a 2-core machine, one
@@ -58,13 +62,73 @@ def reexec_for_cpu(module: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Console entry point
+# ----------------------------------------------------------------------------------------------
+
+# What a user's mistake raises once the options are parsed: a missing or unreadable file (OSError), a file that
+# is not what it should be (ValueError: a bad checkpoint is a CheckpointError, an image PIL cannot decode or bad
+# COCO annotations a ValueError naming the file; bad ground truth a BadTargetError), an impossible combination of
+# options. The console entry points print these as one line; anything else keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker arrives with the worker's
+    traceback in its message ("Caught ValueError in DataLoader worker process 0. Original Traceback ..."); its
+    last line is the error itself ("ValueError: ...", printed without the type)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1].removeprefix(f"{type(error).__name__}: ")
+    return " ".join(lines) or type(error).__name__
+
+
+def run_cli(module: str, main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
+            errors: tuple[type[BaseException], ...] = ()) -> None:  # fmt: skip
+    """The console entry point of ``python -m module``: ``main(argv)``, with a user's mistake (``USER_ERRORS``,
+    plus ``errors``) printed to stderr as one ``error: ...`` line and exit status 1. Usage errors are
+    argparse's (``prog: error: ...``, status 2).
+
+    ``argv=None`` is the real command line: on a machine without a GPU the process first restarts itself with
+    ``CPU_ENV`` (``reexec_for_cpu``). Tests pass ``argv`` and run in-process.
+    """
+    if argv is None:
+        reexec_for_cpu(module)
+    try:
+        main(argv)
+    except (*USER_ERRORS, *errors) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, ``prog: error: ...; see prog --help``, exit status 2,
+    instead of the whole usage text (24 lines for ``mrcnn.train``) above the one line that matters."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+# ----------------------------------------------------------------------------------------------
 # Device, processes, backend
 # ----------------------------------------------------------------------------------------------
 
 
+def device_name(text: str) -> str:
+    """An argparse type: a torch device string (``cpu``, ``cuda``, ``cuda:1``) of a device this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda or cuda:N)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda devices are supported")
+    return text
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--backend``."""
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                         help="kernels' implementation: auto = Triton on CUDA, torch on CPU")  # fmt: skip
 
@@ -129,18 +193,48 @@ class Process:
 
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: the path of a file that exists (checked when the options are parsed, before anything is
+    loaded or written)."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{'is a folder, not a file' if os.path.isdir(text) else 'no such file'}: "
+                                         f"{text}")  # fmt: skip
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """An argparse type: the path of a folder that exists."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return text
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """The evaluation data options shared by ``mrcnn.train`` and ``mrcnn.evaluate``."""
     parser.add_argument("--data", choices=("shapes", "coco"), default="shapes",
                         help="built-in synthetic shapes (default) or COCO-format files")  # fmt: skip
-    parser.add_argument("--val-ann", help="COCO instances JSON to evaluate on (--data coco)")
-    parser.add_argument("--val-images", help="image folder of --val-ann")
+    parser.add_argument("--val-ann", type=existing_file, help="COCO instances JSON to evaluate on (--data coco)")
+    parser.add_argument("--val-images", type=existing_dir, help="image folder of --val-ann")
     parser.add_argument("--val-size", type=positive_int, default=None,
                         help="evaluate on the first N images (shapes: the val split's size, default 200)")  # fmt: skip
     parser.add_argument("--image-size", type=positive_int, default=None,
@@ -175,6 +269,22 @@ def base_dataset(dataset: Dataset) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """The folder ``path`` (made with its parents) for a command's outputs. When the command fails, a folder this
+    call made is removed with what was written into it, so a failed run leaves no half-made folder; a folder
+    that existed before keeps what it held (and what the command wrote before it failed)."""
+    path = Path(path)
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if made:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,11 +42,11 @@ from torch import nn
 
 import kernels
 
-from .checkpoint import CheckpointError
+from .cli import ArgumentParser, existing_file, output_folder, positive_int, run_cli
 from .convert import load_model
 from .model import MaskRCNN
 
-__all__ = ["export_program", "export_package", "package_info", "onnx_translations", "main"]
+__all__ = ["cli", "export_program", "export_package", "package_info", "onnx_translations", "main"]
 
 FORMATS = {".pt2": "mrcnn-aoti-1", ".onnx": "mrcnn-onnx-1"}  # by the output's suffix
 
@@ -198,37 +197,50 @@ def onnx_translations() -> dict[Any, Callable[..., Any]]:
     return {torch.ops.aten.sort.stable: sort_stable, torch.ops.aten.embedding_bag.padding_idx: embedding_bag}
 
 
+def _output_path(text: str) -> str:
+    """An argparse type: ``--out``'s file name, ending in one of ``FORMATS``."""
+    if Path(text).suffix not in FORMATS:
+        raise argparse.ArgumentTypeError(f"must end in .pt2 (AOTInductor package) or .onnx (ONNX model): {text}")
+    return text
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mrcnn.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--checkpoint", required=True, help="our checkpoint.pt or a torchvision Mask R-CNN one")
-    p.add_argument("--out", required=True, help="model.pt2 (AOTInductor package) or model.onnx (ONNX model)")
+    p = ArgumentParser(prog="python -m mrcnn.export", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--checkpoint", required=True, type=existing_file,
+                   help="our checkpoint.pt or a torchvision Mask R-CNN one")  # fmt: skip
+    p.add_argument(
+        "--out",
+        required=True,
+        type=_output_path,
+        help="model.pt2 (AOTInductor package) or model.onnx (ONNX model); model.json is written beside it",
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the package runs")
-    p.add_argument("--batch-size", type=int, default=1, help="the most images per call (any batch from 1 up)")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+    p.add_argument("--batch-size", type=positive_int, default=1, help="the most images per call (any batch from 1 up)")
+    p.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                    help="padded input size, multiples of size_divisible (default: max_size rounded up, "
                    "square)")  # fmt: skip
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
+    """Export as the command line ``argv`` says; returns the package's (or ONNX model's) path. A folder made for
+    it is removed when the export fails."""
     args = parse_args(argv)
     model, info = load_model(args.checkpoint)
     divisible = model.config.size_divisible
     side = -(-model.config.max_size // divisible) * divisible
     image_size = tuple(args.image_size) if args.image_size else (side, side)
-    path = export_package(model, args.out, args.batch_size, image_size, args.device,
-                          info.get("classes"))  # fmt: skip
+    with output_folder(Path(args.out).parent):
+        path = export_package(model, args.out, args.batch_size, image_size, args.device,
+                              info.get("classes"))  # fmt: skip
     print(f"wrote {path} and {path.with_name('model.json')}")
     return path
 
 
-def cli() -> None:
-    """Console entry point: bad use is one line and exit status 1."""
-    try:
-        main()
-    except (CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+def cli(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: a user's mistake is one ``error:`` line and exit status 1 (``mrcnn.cli.run_cli``)."""
+    run_cli("mrcnn.export", main, argv)
 
 
 if __name__ == "__main__":

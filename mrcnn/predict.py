@@ -7,26 +7,49 @@ COCO results of all images (every detection, whatever its score; ``segmentation`
 ``DIR/images.json``: COCO image records whose ``id`` (the image's position on the command line) is the
 results' ``image_id``. Images of any size, on CPU or GPU; the model resizes them as its config says and the
 detections come back at each image's own size.
+
+Every input is checked before anything is written (it exists, PIL recognises its format); a file that still
+fails to decode stops the command, and an output folder it made is removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .checkpoint import CheckpointError
-from .cli import add_device_args, reexec_for_cpu, select_device, use_backend, write_json
+from .cli import (
+    ArgumentParser,
+    add_device_args,
+    existing_file,
+    output_folder,
+    positive_int,
+    run_cli,
+    select_device,
+    use_backend,
+    write_json,
+)
 from .convert import load_model
 from .data import read_image, to_coco_results
 from .visualize import draw_detections
 
-__all__ = ["main", "output_names", "read_image"]
+__all__ = ["cli", "image_file", "main", "output_names", "read_image"]
+
+
+def image_file(text: str) -> str:
+    """An argparse type: an existing file whose header PIL recognises as an image (the pixels are decoded later,
+    by ``read_image``)."""
+    existing_file(text)
+    try:
+        with Image.open(text):
+            pass
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise argparse.ArgumentTypeError(f"cannot decode image {text}: {e}") from e
+    return text
 
 
 def output_names(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -47,14 +70,15 @@ def output_names(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mrcnn.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--checkpoint", required=True, help="our checkpoint.pt or a torchvision Mask R-CNN one")
-    p.add_argument("--out", required=True, help="output folder")
+    p = ArgumentParser(prog="python -m mrcnn.predict", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("images", nargs="+", type=image_file, help="image files (PNG, JPEG, ...)")
+    p.add_argument("--checkpoint", required=True, type=existing_file,
+                   help="our checkpoint.pt or a torchvision Mask R-CNN one")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder (made if missing; files of the same names replaced)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="draw detections scoring at least this")
     p.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass")
     add_device_args(p)
     return p.parse_args(argv)
 
@@ -66,12 +90,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     model, info = load_model(args.checkpoint, device=device)
     classes = info.get("classes")
     label_to_cat = info.get("label_to_cat") or {k: k for k in range(1, model.config.num_classes)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     names = output_names(args.images)
-    with use_backend(args.backend):
+    with output_folder(args.out) as out, use_backend(args.backend):
         for start in range(0, len(args.images), args.batch_size):
             paths = args.images[start : start + args.batch_size]
             batch_names = names[start : start + args.batch_size]
@@ -87,19 +109,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out / name)
                 kept = int((pred["scores"] >= args.score_threshold).sum())
                 print(f"{path}: {kept} detections >= {args.score_threshold} -> {out / name}")
-    write_json(results, out / "results.json")
-    write_json(records, out / "images.json")
+        write_json(results, out / "results.json")
+        write_json(records, out / "images.json")
     print(f"wrote {out / 'results.json'} ({len(results)} detections) and {out / 'images.json'}")
     return results
 
 
-def cli() -> None:
-    """Console entry point: a bad checkpoint is one line naming it and exit status 1."""
-    reexec_for_cpu("mrcnn.predict")
-    try:
-        main()
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+def cli(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: a user's mistake is one ``error:`` line and exit status 1 (``mrcnn.cli.run_cli``)."""
+    run_cli("mrcnn.predict", main, argv)
 
 
 if __name__ == "__main__":

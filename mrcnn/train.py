@@ -50,7 +50,6 @@ import ast
 import dataclasses
 import datetime
 import math
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,11 +59,22 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from .checkpoint import CheckpointError, load_checkpoint, load_training_checkpoint, model_state
-from .cli import Process, add_data_args, add_device_args, base_dataset, build_eval_dataset, reexec_for_cpu, use_backend
+from .cli import (
+    ArgumentParser,
+    Process,
+    add_data_args,
+    add_device_args,
+    base_dataset,
+    build_eval_dataset,
+    existing_dir,
+    existing_file,
+    run_cli,
+    use_backend,
+)
 from .config import MaskRCNNConfig, check_field
 from .convert import infer_config
 from .data import build_dataset
-from .engine import BadTargetError, NonFiniteError, Trainer, TrainingSetup
+from .engine import NonFiniteError, Trainer, TrainingSetup
 from .model import MaskRCNN
 
 __all__ = ["SHAPES_PRESET", "build_config", "cli", "main", "parse_args", "prepare"]
@@ -131,11 +141,11 @@ def _checked(field: str, value: Any, text: str) -> Any:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mrcnn.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = ArgumentParser(prog="python -m mrcnn.train", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_data_args(p)
-    p.add_argument("--ann", help="COCO instances JSON to train on (--data coco)")
-    p.add_argument("--images", help="image folder of --ann")
+    p.add_argument("--ann", type=existing_file, help="COCO instances JSON to train on (--data coco)")
+    p.add_argument("--images", type=existing_dir, help="image folder of --ann")
     p.add_argument("--train-size", type=int, default=None,
                    help="shapes: training images (default 20000, drawn on the fly); coco: use the first N")  # fmt: skip
     p.add_argument("--out", default=None, help="output folder (default runs/<date-time>)")
@@ -157,7 +167,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="torchvision ResNet name (shapes resnet18, coco resnet50)")  # fmt: skip
     p.add_argument("--set", dest="overrides", type=_config_override, action="append", default=[],
                    metavar="FIELD=VALUE", help="set a MaskRCNNConfig field, e.g. --set fpn_channels=128")  # fmt: skip
-    p.add_argument("--init", default=None,
+    p.add_argument("--init", default=None, type=existing_file,
                    help="initial weights: our checkpoint, a torchvision Mask R-CNN checkpoint, or a torchvision "
                    "ResNet (ImageNet) state dict for the backbone")  # fmt: skip
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
@@ -286,8 +296,6 @@ def prepare(args: argparse.Namespace, process: Process,
         out = checkpoint_path.parent
     else:
         out = Path(process.broadcast(f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"))
-    if process.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     # torchvision's 0.02 per 16 images, scaled to the global batch (the COCO default).
     lr = args.lr if args.lr is not None else 0.02 * args.batch_size * args.accum_steps * process.world_size / 16
     checkpoint, config = None, None
@@ -303,6 +311,8 @@ def prepare(args: argparse.Namespace, process: Process,
     model = build_model(config)
     if init_state is not None:
         _load_init(model, init_state)
+    if process.is_main:  # only now: a file that cannot be loaded leaves no empty run folder behind
+        out.mkdir(parents=True, exist_ok=True)
     return TrainingSetup(out=out, lr=lr, config=config, model=model, dataset=dataset, val_dataset=val_dataset,
                          checkpoint=checkpoint, checkpoint_path=checkpoint_path)  # fmt: skip
 
@@ -327,13 +337,10 @@ def main(
         return Trainer(args, process, prepare(args, process, build_model)).run_training()
 
 
-def cli() -> None:
-    """Console entry point: errors as one line and exit status 1."""
-    reexec_for_cpu("mrcnn.train")
-    try:
-        main()
-    except (BadTargetError, NonFiniteError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+def cli(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: a user's mistake (``mrcnn.cli.run_cli``) or a non-finite step is one ``error:`` line
+    and exit status 1."""
+    run_cli("mrcnn.train", main, argv, errors=(NonFiniteError,))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 and the pure parts of ``bench.kernels`` (occupancy, launch selection) against hand-computed values.
 
 The runner test is a ``--quick`` CPU run of one real suite plus a tiny copy benchmark written here (outside
-``bench/``, so without its conftest: all four cases run), so that it checks the JSON, the table and the chart
-whatever the real suites report.
+``bench/``, so without its conftest: all four cases run), so that it checks the JSON and the smoke table
+whatever the real suites report; the chart is checked on stored results.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+import bench.__main__ as runner
 from bench.kernels import SM80, SM90, below_floor, code_of, committed_hash, occupancy, select, sources_hash
+from bench.report import chart_figure, markdown
 from bench.report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def _suite_file(bench: dict) -> str:
 
 
 @pytest.mark.slow
-def test_runner_quick_writes_json_table_and_chart(tmp_path: Path) -> None:
+def test_runner_quick_writes_json_and_smoke_table(tmp_path: Path) -> None:
     suite = tmp_path / "test_copy.py"
     suite.write_text(COPY_SUITE)
     real = sorted((ROOT / "bench").glob("test_*.py"))[:1]  # one real suite, to keep this under a minute
@@ -72,10 +74,38 @@ def test_runner_quick_writes_json_table_and_chart(tmp_path: Path) -> None:
                  if _suite_file(b) == f.name]  # fmt: skip
         assert cases and len(cases) == len(set(cases)), cases
 
+    assert all(b["stats"]["rounds"] >= 3 for b in copies)  # a median of three calls, not one
     table = result_file.with_suffix(".md").read_text()
-    assert "| op | shape | dtype | mode | ours | torchvision |" in table
-    assert "| copy | 4096 | float32 | forward |" in table
-    assert result_file.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
+    assert table.startswith("# Smoke run:") and "**Smoke figures, not a benchmark**" in table
+    assert "| op | shape | dtype | mode | ours | torchvision |\n" in table  # no speedup or bandwidth column
+    assert "| copy | 4096 | float32 | forward |" in table and "| speedup" not in table
+    assert not result_file.with_suffix(".png").exists()  # no speedup chart of smoke figures
+    assert "no chart for a smoke run" in proc.stdout
+
+
+def test_runner_without_pytest_benchmark_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """After the README's main install (no bench extra): one line naming the extra, status 2, nothing written."""
+    find_spec = runner.importlib.util.find_spec
+    monkeypatch.setattr(runner.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "pytest_benchmark" else find_spec(name, *args))  # fmt: skip
+    out = tmp_path / "results"
+    assert runner.main(["--quick", "--out-dir", str(out)]) == runner.EXIT_CANNOT_RUN
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ")
+    assert "pytest-benchmark" in captured.err and 'pip install -e ".[bench]"' in captured.err
+    assert not out.exists()
+
+
+def test_quick_run_leaves_out_the_export_suite() -> None:
+    names = lambda files: [f.stem.removeprefix("test_") for f in files]  # noqa: E731
+    everything, none_left_out = runner.suites()
+    assert "export" in names(everything) and none_left_out == []
+    quick, left_out = runner.suites(quick=True)
+    assert left_out == ["export"] and names(quick) == [n for n in names(everything) if n != "export"]
+    assert runner.suites(["export"], quick=True) == ([ROOT / "bench" / "test_export.py"], [])  # asked for: it runs
+    assert runner.suites(skip=["export"], quick=True)[1] == []
 
 
 def test_report_from_stored_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,6 +128,52 @@ def test_report_from_stored_results(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "| paste_masks test_paste[big] | - | - | - | - | - | 20 ms | - | - |" in lines
     assert "Suites that did not pass: test_nms.py: exit 1" in table
     assert (tmp_path / "nvidia-h100-2025-01-02.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_smoke_results_make_no_speedup_table() -> None:
+    results = json.loads((DATA / "bench_results.json").read_text())
+    table = markdown({**results, "quick": True})
+    assert "Smoke figures, not a benchmark" in table and "| speedup" not in table and "% of bandwidth" not in table
+    assert "| roi_align | 1024x256x7x7 | float16 | forward | 50 us (49-51) | 200 us (190-210) | - |" in table
+    assert chart_figure({**results, "quick": True}) is None
+
+
+def test_chart_text_never_collides() -> None:
+    """Speedups from 0.0028x to 141x with long case names: no two pieces of text on the chart overlap (case names,
+    values, axis ticks and labels, title), and all lie inside the figure."""
+    results = json.loads((DATA / "bench_results.json").read_text())
+    bench = results["benchmarks"][0]
+    cases = [("nms", "2x1000->2000", 0.0028), ("paste_masks_in_image", "100x28x28->800x1333", 141.0),
+             ("roi_align", "2x256x200x336", 0.9), ("decode_boxes", "2000x91", 1.02),
+             ("mask_loss", "256x80x28x28", 8.0)]  # fmt: skip
+    results["benchmarks"] = [
+        {**bench, "extra_info": {**bench["extra_info"], "op": op, "shape": shape, "provider": provider},
+         "stats": {"median": 1e-3 * (ratio if provider == "torchvision" else 1.0)}}
+        for op, shape, ratio in cases for provider in ("ours", "torchvision")
+    ]  # fmt: skip
+    fig = chart_figure(results)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+
+    def drawn(axis):  # the tick labels drawn: the axis shown, the tick inside the view, the label on
+        lo, hi = sorted(axis.get_view_interval())
+        ticks = axis.get_major_ticks() if axis.get_visible() else []
+        return [
+            t for tick in ticks if lo <= tick.get_loc() <= hi for t in (tick.label1, tick.label2) if t.get_visible()
+        ]
+
+    texts = [t for ax in fig.axes for t in (*drawn(ax.xaxis), *drawn(ax.yaxis), *ax.texts, ax.xaxis.label, ax.title)
+             if t.get_visible() and t.get_text()]  # fmt: skip
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    assert {t.get_text() for t in texts} >= {"0.0028x", "141x", "0.90x", "1.02x", "8.00x"}
+    figure_box = fig.bbox
+    for i, (text, box) in enumerate(zip(texts, boxes, strict=True)):
+        assert figure_box.x0 <= box.x0 and box.x1 <= figure_box.x1 and figure_box.y0 <= box.y0, text
+        for other, other_box in zip(texts[i + 1 :], boxes[i + 1 :], strict=True):
+            assert not box.overlaps(other_box), (text.get_text(), other.get_text())
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 @pytest.mark.parametrize(

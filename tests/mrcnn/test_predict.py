@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 
 from mrcnn import predict, train
 from mrcnn.data import ShapesDataset
-from mrcnn.visualize import draw_detections, palette
+from mrcnn.visualize import draw_detections, label_font_size, label_layout, palette
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +52,42 @@ def test_draw_detections_changes_pixels_only_where_drawn() -> None:
     colour = torch.tensor(palette(2)[1], dtype=torch.float32)
     expected = (0.5 * 128 + 0.5 * colour).round()
     assert torch.allclose(drawn[:, 25, 30].float(), expected, atol=1)
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_label_layout_never_overlaps_and_stays_inside() -> None:
+    """Twelve labels on nine near-identical boxes and three at the image's corners and edge: each inside the
+    image, none over another, the first (best-scoring) one just above its box."""
+    gen = torch.Generator().manual_seed(0)
+    boxes = (torch.tensor([[100.0, 80.0, 300.0, 260.0]]) + torch.randn(9, 4, generator=gen) * 3).tolist()
+    boxes += [[0.0, 0.0, 40.0, 30.0], [600.0, 2.0, 640.0, 40.0], [10.0, 470.0, 50.0, 480.0]]
+    sizes = [(90, 18)] * len(boxes)
+    layout = label_layout(boxes, sizes, 480, 640)
+    assert all(rect is not None for rect in layout)
+    assert layout[0] == (int(boxes[0][0]), int(boxes[0][1]) - 18, int(boxes[0][0]) + 90, int(boxes[0][1]))
+    for i, a in enumerate(layout):
+        assert min(a[0], a[1]) >= 0 and a[2] <= 640 and a[3] <= 480, a
+        assert (a[2] - a[0], a[3] - a[1]) == (90, 18)
+        assert not any(_overlap(a, b) for b in layout[i + 1 :]), (a, layout)
+    # No free place (a 20 px image with room for one label): left out rather than drawn over another.
+    assert label_layout([[0.0, 0.0, 10.0, 10.0]] * 2, [(30, 18)] * 2, 20, 40) == [(0, 0, 30, 18), None]
+    assert label_layout([[0.0, 0.0, 10.0, 10.0]], [(50, 18)], 20, 40) == [None]  # wider than the image
+
+
+def test_labels_grow_with_the_image() -> None:
+    assert label_font_size(64, 64) == 11 and label_font_size(800, 1333) == 33 and label_font_size(4000, 6000) == 48
+    h, w = 400, 600
+    pred = {"boxes": torch.tensor([[50.0, 60.0, 250.0, 260.0]] * 2), "labels": torch.tensor([1, 2]),
+            "scores": torch.tensor([0.9, 0.8]), "masks": torch.zeros(2, 1, h, w)}  # fmt: skip
+    drawn = draw_detections(torch.full((3, h, w), 0.5), pred, ["background", "circle", "square"])
+    changed = (drawn != 128).any(0)
+    # Two labels for one box: the first above it (rows 60 - 15 - 4 .. 60), the second inside its top.
+    rows = changed[:, 60:200].any(1).nonzero().flatten()
+    assert rows.min() < 50 and rows.max() >= 60 + 15
+    assert not changed[:30].any() and not changed[265:].any()
 
 
 def test_draw_detections_without_detections_is_the_image() -> None:

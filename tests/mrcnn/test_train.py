@@ -424,9 +424,9 @@ def test_evaluate_cli(full_run: Path, tmp_path: Path, capsys: pytest.CaptureFixt
                              str(tmp_path), "--backend", "torch"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "| segm |" in printed and "| bbox |" in printed
-    written = json.loads((tmp_path / "metrics.json").read_text())
+    written = json.loads((tmp_path / "eval_metrics.json").read_text())
     assert written == metrics and set(written) == {"bbox", "segm"}
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "eval_results.json").read_text())
     assert {r["image_id"] for r in results} <= {0, 1, 2}
 
 
