@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ._backend import autotune_configs, tl_acc_dtype
 from ._sampling_kernels import axis, is_finite, sample_coord, samples_per_bin
-from ._triton_utils import loop_bound, offset64, wrap_triton
+from ._triton_utils import cast_rn, loop_bound, offset64, wrap_triton
 
 # Sizes that change from batch to batch (mask count and size, and the mask strides that follow from
 # them) are not specialised, so that a new padded image size does not compile a new kernel.
@@ -227,7 +227,7 @@ def _mask_loss_bwd_kernel(
     on_label = inside & (k == label)
     d = tl.load(dlogits_ptr + r * (M * M) + p, mask=on_label, other=0.0)
     val = tl.where(on_label, d * scale, 0.0)
-    tl.store(grad_ptr + r * K * (M * M) + offs, val.to(grad_ptr.dtype.element_ty), mask=inside)
+    tl.store(grad_ptr + r * K * (M * M) + offs, cast_rn(val, grad_ptr.dtype.element_ty), mask=inside)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ._backend import autotune_configs, tl_acc_dtype
 from ._sampling_kernels import axis, is_finite, sample_coord, samples_per_bin
-from ._triton_utils import loop_bound, offset64, wrap_triton
+from ._triton_utils import cast_rn, loop_bound, offset64, wrap_triton
 
 MAX_LEVELS = 5
 
@@ -329,7 +329,7 @@ def _roi_align_fwd_kernel(
         acc = acc / tl.maximum(grid_h * grid_w, 1)
 
     out_offs = _along_channels((k * C + offs_c.to(tl.int64)) * (PH * PW), BINS_FAST) + _along_bins(offs_p, BINS_FAST)
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(out_ptr + out_offs, cast_rn(acc, out_ptr.dtype.element_ty), mask=tile_mask)
     if MAX_MODE:
         tl.store(argmax_ptr + out_offs, arg, mask=tile_mask)
 
@@ -550,7 +550,7 @@ def _roi_align_bwd_tiles_kernel(
         + offset64(offs_c, s_c)[None, None, :]
     )
     mask = (pix_y < H)[:, None, None] & (pix_x < W)[None, :, None] & c_mask[None, None, :]
-    tl.store(gin + offs, acc.to(gin.dtype.element_ty), mask=mask)
+    tl.store(gin + offs, cast_rn(acc, gin.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
