@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._sampling_kernels import axis, is_finite, sample_coord, samples_per_bin
-from ._triton_utils import autotune_configs, loop_bound, offset64, tl_acc_dtype, wrap_triton
+from ._triton_utils import autotune_configs, cast_rn, loop_bound, offset64, tl_acc_dtype, wrap_triton
 
 # Sizes that change from batch to batch (mask count and size, and the mask strides that follow from
 # them) are not specialised, so that a new padded image size does not compile a new kernel.
@@ -226,7 +226,7 @@ def _mask_loss_bwd_kernel(
     on_label = inside & (k == label)
     d = tl.load(dlogits_ptr + r * (M * M) + p, mask=on_label, other=0.0)
     val = tl.where(on_label, d * scale, 0.0)
-    tl.store(grad_ptr + r * K * (M * M) + offs, val.to(grad_ptr.dtype.element_ty), mask=inside)
+    tl.store(grad_ptr + r * K * (M * M) + offs, cast_rn(val, grad_ptr.dtype.element_ty), mask=inside)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._contract import COORD_LIMIT
 from ._sampling_kernels import is_finite
-from ._triton_utils import autotune_configs, mul_rn, offset64, round_to, tl_acc_dtype, wrap_triton
+from ._triton_utils import autotune_configs, cast_rn, mul_rn, offset64, round_to, tl_acc_dtype, wrap_triton
 
 _TL_COORD_LIMIT = tl.constexpr(COORD_LIMIT)
 
@@ -172,7 +172,8 @@ def _paste_masks_fwd_kernel(
         val = _resize_tile(
             masks_ptr + d * masks_stride_d, masks_stride_h, masks_stride_w, rows, cols, X1, Y1, X2, Y2,
             image_h, image_w, mask_h, mask_w, padding, ACC,
-        ).to(masks_ptr.dtype.element_ty)
+        )
+        val = cast_rn(val, masks_ptr.dtype.element_ty)
         if HAS_THRESHOLD:
             # THRESHOLD arrives rounded to the masks' dtype; comparing in ACC is then exact. tl.full builds
             # the constant in ACC (a bare Python float would go through float32 first).

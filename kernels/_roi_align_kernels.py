@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ._contract import MAX_LEVELS, level_range
 from ._sampling_kernels import axis, is_finite, sample_coord, samples_per_bin
-from ._triton_utils import autotune_configs, loop_bound, offset64, tl_acc_dtype, wrap_triton
+from ._triton_utils import autotune_configs, cast_rn, loop_bound, offset64, tl_acc_dtype, wrap_triton
 
 # Sizes that change from call to call (RoI count, feature map sizes and their strides) are not
 # specialised, so that a new image size does not compile a new kernel.
@@ -325,7 +325,7 @@ def _roi_align_fwd_kernel(
         acc = acc / tl.maximum(grid_h * grid_w, 1)
 
     out_offs = _along_channels((k * C + offs_c.to(tl.int64)) * (PH * PW), BINS_FAST) + _along_bins(offs_p, BINS_FAST)
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(out_ptr + out_offs, cast_rn(acc, out_ptr.dtype.element_ty), mask=tile_mask)
     if MAX_MODE:
         tl.store(argmax_ptr + out_offs, arg, mask=tile_mask)
 
@@ -546,7 +546,7 @@ def _roi_align_bwd_tiles_kernel(
         + offset64(offs_c, s_c)[None, None, :]
     )
     mask = (pix_y < H)[:, None, None] & (pix_x < W)[None, :, None] & c_mask[None, None, :]
-    tl.store(gin + offs, acc.to(gin.dtype.element_ty), mask=mask)
+    tl.store(gin + offs, cast_rn(acc, gin.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -111,29 +111,46 @@ def ieee_div(x, y):
         return tl.math.div_rn(x, y)
 
 
-@triton.jit
-def cast_rn(x, DTYPE: tl.constexpr):
-    """``x`` converted to ``DTYPE`` with round-to-nearest-even, as ``Tensor.to`` (float64 -> bfloat16 goes
-    through float32, as in c10).
+if INTERPRET:
 
-    Triton's interpreter truncates float32 -> bfloat16 (GPUs round) and its "rtne" mode rounds ties
-    up, so bfloat16 is rounded on the bits, as c10::BFloat16 does, keeping NaN a NaN (on the bits some NaN
-    payloads would round to inf or wrap around to 0); and the interpreter computes bfloat16 arithmetic and
-    casts other than to/from float32 on the raw bits, so a bfloat16 input goes through float32 first, and
-    kernels never compute in bfloat16.
-    """
-    if tl.bfloat16 == DTYPE:
-        x = x.to(tl.float32)
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), float("nan"))
-    elif x.dtype == tl.bfloat16:
-        x = x.to(tl.float32)
-    return x.to(DTYPE)
+    @triton.jit
+    def cast_rn(x, DTYPE: tl.constexpr):
+        """``x`` converted to ``DTYPE`` with round-to-nearest-even, as ``Tensor.to`` and as the compiled
+        ``cast_rn`` (a plain ``.to()``): every float store or cast to a half dtype in the kernels goes through it.
+
+        Triton's interpreter converts float32 <-> bfloat16 by truncation (GPUs round), flushes bfloat16
+        subnormals to zero both ways, and its "rtne" mode rounds ties up; so bfloat16 is rounded and converted
+        on the bits, as c10::BFloat16 does (a NaN becomes c10's NaN: on the bits some NaN payloads would round
+        to inf or wrap around to 0). It converts between bfloat16 and anything but float32 on the raw bits, so a
+        bfloat16 input is widened to float32 first; float64 goes through float32 to either half dtype, as c10
+        converts (numpy would round float64 -> float16 once). float32 -> float16 is numpy's, correctly rounded.
+        """
+        if x.dtype == tl.bfloat16:
+            x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        if tl.bfloat16 == DTYPE or tl.float16 == DTYPE:
+            x = x.to(tl.float32)
+        if tl.bfloat16 == DTYPE:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = tl.where(x == x, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, 0x7FC0)
+            y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            y = x.to(DTYPE)
+        return y
+
+else:
+
+    @triton.jit
+    def cast_rn(x, DTYPE: tl.constexpr):
+        """``x.to(DTYPE)``: compiled, a float32 -> half conversion is ``cvt.rn.f16.f32`` / ``cvt.rn.bf16.f32``
+        (round to nearest even). float64 goes through float32 to either half dtype, as c10 converts (a direct
+        ``cvt.rn.f16.f64`` rounds once, and differs from ``Tensor.to`` where the float32 value is a tie)."""
+        if x.dtype == tl.float64 and (tl.bfloat16 == DTYPE or tl.float16 == DTYPE):
+            x = x.to(tl.float32)
+        return x.to(DTYPE)
 
 
 @triton.jit
 def round_to(x, DTYPE: tl.constexpr):
     """``x`` (float32/float64) rounded to ``DTYPE``'s precision, kept in ``x``'s dtype (torch's intermediate
     roundings)."""
-    return cast_rn(x, DTYPE).to(x.dtype)
+    return cast_rn(cast_rn(x, DTYPE), x.dtype)

@@ -1,10 +1,13 @@
 """``patch_torchvision()`` is a drop-in for the ways torchvision's users drive its ops: TorchScript
 (a scripted patched Mask R-CNN, scripted ops), FX (``symbolic_trace``, ``create_feature_extractor``), autocast
-(nms and RoIAlign under CPU autocast against torchvision's), quantized tensors, and the empty / error cases
-torchvision's own tests and its users rely on. Op-level checks run on both backends (Triton's interpreter and the
-torch path); the scripted model runs on the torch path (under the interpreter it would take minutes)."""
+(nms and RoIAlign under CPU autocast against torchvision's, and its own ``test_autocast_cpu`` cases), quantized
+tensors, and the empty / error cases torchvision's own tests and its users rely on. Op-level checks run on both
+backends (Triton's interpreter and the torch path); the scripted model runs on the torch path (under the interpreter
+it would take minutes)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -242,6 +245,75 @@ def test_roi_align_under_cpu_autocast_is_torchvisions(backend: str, x_dtype: tor
     assert out.dtype == ref.dtype == x_dtype
     ulp = 2.0**-7 if x_dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(out.float(), ref.float(), rtol=ulp, atol=ulp)
+
+
+def _expected_in_dtype(x: Tensor, rois: Tensor, pool: int, aligned: bool) -> Tensor:
+    """The reference of torchvision's ``TestRoIAlign`` (spatial scale 1, adaptive grid), computed as it computes:
+    geometry and bilinear weights in Python floats; in ``x``'s dtype (each step rounded to it) a sample sums its
+    weighted neighbours (x outer, y inner), the bin its samples, then divides by their count. Samples within a
+    pixel outside the map are moved onto its border."""
+    out = torch.zeros(rois.shape[0], x.shape[1], pool, pool, dtype=x.dtype)
+    height, width = x.shape[2:]
+    offset = 0.5 if aligned else 0.0
+    for r, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
+        x1, y1, x2, y2 = x1 - offset, y1 - offset, x2 - offset, y2 - offset
+        bin_h, bin_w = (y2 - y1) / pool, (x2 - x1) / pool
+        grid_h, grid_w = math.ceil(bin_h), math.ceil(bin_w)
+        for i in range(pool):
+            for j in range(pool):
+                val = torch.zeros(x.shape[1], dtype=x.dtype)
+                for iy in range(grid_h):
+                    y = y1 + i * bin_h + (iy + 0.5) * bin_h / grid_h
+                    y = 0.0 if -1 < y <= 0 else height - 1.0 if height - 1 <= y < height else y
+                    for ix in range(grid_w):
+                        xx = x1 + j * bin_w + (ix + 0.5) * bin_w / grid_w
+                        xx = 0.0 if -1 < xx <= 0 else width - 1.0 if width - 1 <= xx < width else xx
+                        y0, x0 = math.floor(y), math.floor(xx)
+                        sample = torch.zeros(x.shape[1], dtype=x.dtype)
+                        for xp, wx in ((x0, 1 - (xx - x0)), (x0 + 1, xx - x0)):
+                            for yp, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+                                if 0 <= yp < height and 0 <= xp < width:
+                                    sample = sample + wx * wy * x[int(b), :, yp, xp]
+                        val = val + sample
+                out[r, :, i, j] = val / (grid_h * grid_w)
+    return out
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rois_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torchvisions_roi_align_autocast_cpu(
+    backend: str, aligned: bool, deterministic: bool, x_dtype: torch.dtype, rois_dtype: torch.dtype
+) -> None:
+    """torchvision's ``TestRoIAlign.test_autocast_cpu`` through the patched ``torchvision.ops.RoIAlign``: a permuted
+    [2, 50, 10, 10] map, four integer RoIs, 5 x 5 bins; the output keeps x's dtype and is within 5e-3 (bfloat16),
+    1e-5 (float32) of the reference above. A truncating bfloat16 store missed it in 2 of 5000 elements."""
+    x = torch.rand(2, 50, 10, 10, dtype=x_dtype).permute(0, 1, 3, 2)
+    rois = torch.tensor([[0, 0, 0, 9, 9], [0, 0, 5, 4, 9], [0, 5, 5, 9, 9], [1, 0, 0, 9, 9]], dtype=rois_dtype)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        with kernels.patch_torchvision(), torch.autocast("cpu"):
+            y = torchvision.ops.RoIAlign((5, 5), spatial_scale=1, sampling_ratio=-1, aligned=aligned)(x, rois)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert y.dtype == x.dtype
+    tol = 5e-3 if x_dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(_expected_in_dtype(x, rois, 5, aligned).to(y), y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("iou", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torchvisions_nms_autocast_cpu(backend: str, iou: float, dtype: torch.dtype) -> None:
+    """torchvision's ``TestNMS.test_autocast_cpu`` through the patched ``torchvision.ops.nms``: random boxes (the last
+    overlapping the first just above ``iou``) in ``dtype`` keep what their float32 values keep. 400 boxes, not its
+    1000: the interpreter takes ~10 s per 1000-box call."""
+    boxes, scores = _boxes_with_iou(400, iou, seed=0)
+    with kernels.patch_torchvision(), torch.autocast("cpu"):
+        keep_ref_float = torchvision.ops.nms(boxes.to(dtype).float(), scores.to(dtype).float(), iou)
+        keep_dtype = torchvision.ops.nms(boxes.to(dtype), scores.to(dtype), iou)
+    torch.testing.assert_close(keep_ref_float, keep_dtype)
 
 
 def test_mask_loss_and_torch_paths_under_cpu_autocast() -> None:
