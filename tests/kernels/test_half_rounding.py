@@ -29,8 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import decode_boxes, encode_boxes, mask_loss, nms, paste_masks_in_image, roi_align
-from kernels._backend import use_backend
+from kernels import decode_boxes, encode_boxes, mask_loss, nms, paste_masks_in_image, roi_align, use_backend
 from kernels._triton_utils import cast_rn
 from tests.kernels.test_box_coder import CLIP, HEAD_WEIGHTS, decode_ref, encode_ref, random_deltas
 from tests.kernels.test_box_coder import random_boxes as random_box_coder_boxes
