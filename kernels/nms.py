@@ -241,7 +241,14 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     """
     if isinstance(boxes, Tensor) and boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    return torch.ops.mrcnn.nms(boxes, scores, idxs, float(iou_threshold))
+    keep = torch.ops.mrcnn.nms(boxes, scores, idxs, float(iou_threshold))
+    if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000) and not torch.jit.is_tracing():
+        # torchvision's batched_nms above this size (its _batched_nms_vanilla, torchvision >= 0.22): nms per class,
+        # then the kept indices, increasing, re-sorted by score with torch's unstable sort. The same calls on the
+        # same values give its order of equal scores.
+        keep = keep.sort()[0]
+        keep = keep[scores[keep].sort(descending=True)[1]]
+    return keep
 
 
 def nms_fixed(
