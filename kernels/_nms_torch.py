@@ -1,8 +1,10 @@
 """The torch path of non-maximum suppression: the greedy walk with the kernels' IoU arithmetic, vectorized (the
 math is in ``kernels/nms.py``'s docstring).
 
-``forward_torch`` is the eager walk (the CPU path of ``nms`` / ``batched_nms`` / ``nms_fixed``); ``forward_traced``
-the same greedy NMS as a graph of static shapes, for fake tensors (``torch.export`` decomposing the op).
+``forward_torch`` is the eager walk, the CPU path of ``nms`` / ``batched_nms`` / ``nms_fixed``: class by class, in
+blocks of sorted boxes, dropping the suppressed boxes after each block, with IoU tiles of bounded size (never the
+N x N matrix). ``forward_traced`` is the same greedy NMS as a graph of static shapes, for fake tensors
+(``torch.export`` decomposing the op).
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from torch._higher_order_ops.while_loop import while_loop
 
 from ._backend import acc_dtype
 
-# The eager walk resolves BLOCK sorted boxes per step, from one IoU tile of up to TILE pairs (BLOCK x TILE / BLOCK
-# later boxes). Each step costs ~20 torch calls (~100 us) and ~0.5 us of Python per box of the block; a tile costs
-# ~1.7 ns per pair (one thread, AVX2): BLOCK 256 and TILE 2^17 (1 MiB per float32 temporary) measured fastest of
-# 128-512 x 2^15-2^18 at 1,000-10,000 boxes.
+# The eager walk resolves BLOCK sorted boxes per step (their BLOCK x BLOCK IoU tile, then a Python step for each box
+# an earlier box of the block suppresses) and computes the rest in tiles of up to TILE pairs. One thread, AVX2: a
+# tile costs ~45 us of torch calls plus ~2 ns per pair up to 2^17 pairs (1 MiB per float32 temporary), ~6 ns per
+# pair at 2^18. BLOCK 256 and TILE 2^17 ran fastest of 128-256 x 2^15-2^17 at 1,000-50,000 boxes.
 BLOCK = 256
-TILE = 1 << 16
+TILE = 1 << 17
 # _EARLIER[t, s]: s comes before t.
 _EARLIER = np.tril(np.ones((BLOCK, BLOCK), dtype=bool), -1)
 
@@ -88,7 +90,13 @@ def _bits(flags: np.ndarray) -> int:
     return int.from_bytes(np.packbits(flags, bitorder="little").tobytes(), "little")
 
 
-def _walk(sup: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _flags(bits: int, n: int) -> np.ndarray:
+    """``n`` bool flags, flag ``t`` = bit ``t`` of ``bits``."""
+    raw = np.frombuffer(bits.to_bytes((n + 7) // 8, "little"), dtype=np.uint8)
+    return np.unpackbits(raw, count=n, bitorder="little").view(bool)
+
+
+def _walk(sup: np.ndarray, counts: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Greedy NMS of ``G`` groups of up to ``S`` boxes by decreasing score, from their flags ``sup [G, S, M]``
     (``sup[g, i, j]``: box ``i`` of group ``g`` suppresses box ``j``; columns below ``S`` are the group's own boxes,
     the others later boxes of the group), over the first ``counts[g]`` boxes of each group.
@@ -98,6 +106,7 @@ def _walk(sup: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     suppresses it, with one integer bitmask per box of its suppressors.
     """
     G, S, M = sup.shape
+    counts = np.asarray(counts)
     # The tile of a group against itself is symmetric (IoU's arithmetic is), so row t below the diagonal holds
     # t's suppressors.
     suppressors = sup[:, :, :S] & _EARLIER[:S, :S]
@@ -117,53 +126,42 @@ def _walk(sup: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return kept, (sup[:, :, S:] & kept[:, :, None]).any(1)
 
 
-def _flags(bits: int, n: int) -> np.ndarray:
-    """``n`` bool flags, flag ``t`` = bit ``t`` of ``bits``."""
-    raw = np.frombuffer(bits.to_bytes((n + 7) // 8, "little"), dtype=np.uint8)
-    return np.unpackbits(raw, count=n, bitorder="little").view(bool)
-
-
-def _walk_class(table: _Table, live: np.ndarray, threshold: float, stop: int) -> np.ndarray:
-    """Greedy NMS of one class's boxes ``live`` (positions in ``table``, by decreasing score): the kept positions,
-    at least the first ``stop``. Each step resolves the first ``BLOCK`` live boxes from one tile of them against
-    the live boxes from there on (up to ``TILE`` pairs), then lets the block's kept boxes suppress the rest, in
-    tiles of ``TILE`` pairs; ``live`` drops the suppressed boxes after each step, so they cost nothing more."""
+def _walk_class(table: _Table, live: np.ndarray, threshold: float, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy NMS of one class's boxes ``live`` (positions in ``table``, by decreasing score) down to its last
+    ``BLOCK``: ``(kept positions, the live boxes left)``, nothing left once ``stop`` boxes are kept. Each step
+    resolves the first ``BLOCK`` live boxes from one tile of them against the live boxes from there on (up to
+    ``TILE`` pairs), then lets the block's kept boxes suppress the rest, in tiles of ``TILE`` pairs; ``live``
+    drops the suppressed boxes after each step, so they cost nothing more."""
     kept: list[np.ndarray] = []
     num_kept = 0
-    while len(live) and num_kept < stop:
-        n = min(BLOCK, len(live))
-        cols, far = live[: max(n, TILE // n)], live[max(n, TILE // n) :]
-        corners = table[cols]
-        new, near = _walk(_exceeds(_iou(_take(corners, slice(0, n)), corners), threshold)[None], np.array([n]))
-        new = np.flatnonzero(new[0])
-        kept.append(cols[new])
+    while len(live) > BLOCK:
+        block, far = live[:BLOCK], live[BLOCK:]
+        corners = table[block]
+        new = np.flatnonzero(_walk(_exceeds(_iou(corners, corners), threshold)[None], [BLOCK])[0][0])
+        kept.append(block[new])
         num_kept += len(new)
-        rest = [cols[n:][~near[0]]]
-        if len(far):
-            rows = _take(corners, torch.from_numpy(new).to(table.coords.device))
-            step = max(TILE // len(new), 1)
-            for c0 in range(0, len(far), step):
-                part = far[c0 : c0 + step]
-                rest.append(part[~_exceeds(_iou(rows, table[part]), threshold).any(0)])
-        live = np.concatenate(rest)
-    return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+        if num_kept >= stop:
+            return np.concatenate(kept), live[:0]
+        rows = _take(corners, torch.from_numpy(new).to(table.coords.device))
+        parts = np.split(far, range(TILE // len(new), len(far), TILE // len(new)))
+        live = np.concatenate([p[~_exceeds(_iou(rows, table[p]), threshold).any(0)] for p in parts])
+    return (np.concatenate(kept) if kept else live[:0]), live
 
 
-def _walk_small(
-    table: _Table, starts: np.ndarray, counts: np.ndarray, live: np.ndarray, threshold: float
-) -> np.ndarray:
-    """Greedy NMS of classes of at most ``BLOCK`` live boxes each, the class ``c`` being ``live[starts[c] :
-    starts[c] + counts[c]]`` (positions in ``table``, by decreasing score), many per tile: largest first, each
-    class padded to the tile's first (its largest), one ``[G, S, S]`` tile of up to ``TILE`` pairs. The kept
-    positions."""
-    by_size = np.argsort(-counts, kind="stable")
-    starts, counts = starts[by_size], counts[by_size]
+def _walk_small(table: _Table, groups: list[np.ndarray], threshold: float) -> np.ndarray:
+    """Greedy NMS of classes of at most ``BLOCK`` live boxes each (``groups``: positions in ``table``, by
+    decreasing score), many per tile: largest first, each padded to the tile's first (its largest), one
+    ``[G, S, S]`` tile of up to ``TILE`` pairs. The kept positions."""
+    groups = sorted(groups, key=len, reverse=True)
+    counts = np.array([len(g) for g in groups])
+    first = np.cumsum(counts) - counts
+    flat = np.concatenate(groups)
     kept = []
     i = 0
-    while i < len(counts):
+    while i < len(groups):
         S = int(counts[i])
         j = i + max(1, TILE // (S * S))
-        grid = live[starts[i:j, None] + np.minimum(np.arange(S), counts[i:j, None] - 1)]
+        grid = flat[first[i:j, None] + np.minimum(np.arange(S), counts[i:j, None] - 1)]
         corners = table[grid]
         new, _ = _walk(_exceeds(_iou(corners, corners), threshold), counts[i:j])
         kept.append(grid[new])
@@ -179,8 +177,8 @@ def _greedy_row(
 
     The boxes are walked class by class (a stable sort of the sorted classes keeps the score order within a
     class), so that a box is compared only with the boxes of its class, as in torchvision's per-class path:
-    classes of more than ``BLOCK`` valid boxes each by ``_walk_class``, the others many at a time by
-    ``_walk_small``. The N x N matrix is never built: memory stays O(N + TILE).
+    ``_walk_class`` takes each class down to its last ``BLOCK`` undecided boxes, ``_walk_small`` resolves those
+    of all classes, many classes per tile. The N x N matrix is never built: memory stays O(N + TILE).
     """
     N = order.shape[0]
     sorted_boxes = boxes.index_select(0, order)
@@ -193,16 +191,17 @@ def _greedy_row(
         alive = alive.index_select(0, perm) if alive is not None else None
         bounds = [0, *(np.flatnonzero(np.diff(cls.cpu().numpy())) + 1).tolist(), N]
     live = np.arange(N) if alive is None else np.flatnonzero(alive.cpu().numpy())
-    # The classes' ranges in live.
-    edges = np.searchsorted(live, bounds)
-    starts, counts = edges[:-1], np.diff(edges)
+    edges = np.searchsorted(live, bounds).tolist()  # the classes' ranges in live
     table = _Table(sorted_boxes)
-    big = [(s, c) for s, c in zip(starts.tolist(), counts.tolist(), strict=True) if c > BLOCK]
-    kept = [_walk_class(table, live[s : s + c], threshold, stop) for s, c in big]
-    small = (counts > 0) & (counts <= BLOCK)
-    if small.any():
-        kept.append(_walk_small(table, starts[small], counts[small], live, threshold))
-    positions = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    kept, small = [], []
+    for start, end in zip(edges[:-1], edges[1:], strict=True):
+        done, left = _walk_class(table, live[start:end], threshold, stop)
+        kept.append(done)
+        if len(left):
+            small.append(left)
+    if small:
+        kept.append(_walk_small(table, small, threshold))
+    positions = np.concatenate(kept)
     return np.sort(perm.cpu().numpy()[positions] if perm is not None else positions)
 
 
