@@ -79,7 +79,7 @@ class _Table:
         return coords[0:2].movedim(0, -2), coords[2:4].movedim(0, -2), area
 
 
-def _take(corners: Corners, index: Tensor | slice) -> Corners:
+def _take(corners: Corners, index: Tensor) -> Corners:
     """The corners of the boxes ``index`` selects from 1-D ``corners``."""
     lo, hi, area = corners
     return lo[:, index], hi[:, index], area[index]

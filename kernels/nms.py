@@ -30,7 +30,7 @@ kept count on the host once (torchvision copies its whole mask to the host inste
 
 ``batched_nms`` suppresses only within a class (no coordinate offsets). That is torchvision's
 ``_batched_nms_coordinate_trick`` (its path below a size threshold: 4000 coordinates on CPU, 100000 on
-CUDA in 0.29), ties included, whenever adding the class offsets to the coordinates is exact in the boxes'
+CUDA in 0.26-0.29), ties included, whenever adding the class offsets to the coordinates is exact in the boxes'
 dtype (e.g. coordinates on a 1/8 pixel grid); otherwise the offsets perturb torchvision's IoUs by
 rounding, and an IoU within that rounding of the threshold can be decided differently. Above the
 threshold (and not under ``torch.jit.trace``) torchvision runs ``nms`` per class (``_batched_nms_vanilla``):
@@ -249,9 +249,9 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     keep = torch.ops.mrcnn.nms(boxes, scores, idxs, float(iou_threshold))
     if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000) and not torch.jit.is_tracing():
-        # torchvision's batched_nms above this size (its _batched_nms_vanilla, torchvision >= 0.22): nms per class,
-        # then the kept indices, increasing, re-sorted by score with torch's unstable sort. The same calls on the
-        # same values give its order of equal scores.
+        # torchvision's batched_nms above this size (its _batched_nms_vanilla; the thresholds of 0.26 and 0.29): nms
+        # per class, then the kept indices, increasing, re-sorted by score with torch's unstable sort. The same
+        # calls on the same values give its order of equal scores.
         keep = keep.sort()[0]
         keep = keep[scores[keep].sort(descending=True)[1]]
     return keep
