@@ -16,8 +16,6 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_SAMPLES_PER_SIDE = 1024
 # Feature maps one multi-level RoIAlign call pools from (P2-P6).
 MAX_LEVELS = 5
-# NMS: bits per suppression-mask word (int64) = sorted boxes per block of the greedy sweep.
-NMS_WORD = 64
 # paste_masks: box coordinates are clamped to this before the float -> int64 conversion, which is undefined out
 # of range; box sizes (``x2 - x1 + 1``) then still fit in int64.
 COORD_LIMIT = 2.0**61

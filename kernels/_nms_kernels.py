@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._contract import NMS_WORD
 from ._triton_utils import autotune_configs, ieee_div, loop_bound, mul_rn, offset64, round_to, wrap_triton
 
+_WORD = 64  # bits per mask word (int64) = boxes per block of the sweep
 _OUT_BLOCK = 1024
 # Both kernels are autotuned. Every config overwrites all it writes (mask words; keep, keep_valid, count),
 # so the autotuner's repeated runs need no reset. The first launch of a key benchmarks the configs, which
@@ -215,7 +215,7 @@ def forward_triton(
     keep = torch.empty((B, max_out), dtype=torch.int64, device=boxes.device)
     keep_valid = torch.empty((B, max_out), dtype=torch.bool, device=boxes.device)
     count = torch.empty((B,), dtype=torch.int64, device=boxes.device)
-    num_words = triton.cdiv(N, NMS_WORD)
+    num_words = triton.cdiv(N, _WORD)
     mask = torch.empty((B, N, num_words), dtype=torch.int64, device=boxes.device)
     ix = idxs if idxs is not None else order
     grid = lambda meta: (num_words, triton.cdiv(N, meta["BLOCK_ROWS"]), B)
@@ -225,7 +225,7 @@ def forward_triton(
         boxes.stride(0), boxes.stride(1), boxes.stride(2), order.stride(0), order.stride(1),
         ix.stride(0), ix.stride(1), mask.stride(0), mask.stride(1), mask.stride(2),
         threshold,
-        HAS_IDXS=idxs is not None, WORD=NMS_WORD,
+        HAS_IDXS=idxs is not None, WORD=_WORD,
     )  # fmt: skip
     words_pad = max(16, triton.next_power_of_2(num_words))
     v = valid if valid is not None else keep_valid
@@ -234,6 +234,6 @@ def forward_triton(
         N, max_out,
         mask.stride(0), mask.stride(1), mask.stride(2), order.stride(0), order.stride(1),
         v.stride(0), v.stride(1), keep.stride(0), keep.stride(1), keep_valid.stride(0), keep_valid.stride(1),
-        HAS_VALID=valid is not None, NUM_WORDS_PAD=words_pad, WORD=NMS_WORD, OUT_BLOCK=_OUT_BLOCK,
+        HAS_VALID=valid is not None, NUM_WORDS_PAD=words_pad, WORD=_WORD, OUT_BLOCK=_OUT_BLOCK,
     )  # fmt: skip
     return keep, keep_valid, count

@@ -16,8 +16,9 @@ differently. On CPU the results are bit-identical. Half inputs follow torchvisio
 kernel has none); bfloat16 (neither has one) follows the same rule.
 
 Two kernels, as torchvision's CUDA NMS but with the greedy walk on the device (``_nms_kernels``): a
-bit matrix of "sorted box i suppresses sorted box j" and a sweep of it; on CPU, the same walk in torch
-(``_nms_torch``).
+bit matrix of "sorted box i suppresses sorted box j" and a sweep of it. On CPU, the greedy walk in torch
+(``_nms_torch``): class by class, in blocks of sorted boxes, suppressed boxes dropped after each block, IoU
+tiles of bounded size (never the N x N matrix).
 
 Order: ``torch.sort(scores, descending=True, stable=True)``, torchvision's own sort (stable since 0.12,
 on CPU and CUDA), so equal scores are taken by increasing index and ``nms`` returns exactly torchvision's
@@ -29,11 +30,14 @@ kept count on the host once (torchvision copies its whole mask to the host inste
 
 ``batched_nms`` suppresses only within a class (no coordinate offsets). That is torchvision's
 ``_batched_nms_coordinate_trick`` (its path below a size threshold: 4000 coordinates on CPU, 100000 on
-CUDA in 0.29), ties included, whenever adding the class offsets to the coordinates is exact in the boxes'
+CUDA in 0.26-0.29), ties included, whenever adding the class offsets to the coordinates is exact in the boxes'
 dtype (e.g. coordinates on a 1/8 pixel grid); otherwise the offsets perturb torchvision's IoUs by
 rounding, and an IoU within that rounding of the threshold can be decided differently. Above the
-threshold torchvision runs ``nms`` per class (``_batched_nms_vanilla``): the same kept boxes, which it then
-re-sorts with an unstable sort, so the order equals ours unless kept boxes have equal scores.
+threshold (and not under ``torch.jit.trace``) torchvision runs ``nms`` per class (``_batched_nms_vanilla``):
+the same kept boxes, which it then re-sorts by score with torch's unstable sort, so that equal scores leave
+index order. ``batched_nms`` makes the same calls on the same values there (``keep.sort()``, then
+``scores[keep].sort(descending=True)``): its order is torchvision's, ties included, with the torch that
+torchvision runs on. ``nms_fixed`` keeps ``nms``'s stable order at every size.
 
 Invalid values (documented and tested): a box with a NaN coordinate has a NaN area, so it neither
 suppresses nor is suppressed, and is kept in its score's place; NaN scores sort first (``torch.sort``)
@@ -216,11 +220,20 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     """``torchvision.ops.batched_nms``: NMS within each category ``idxs: Tensor[N]`` (int32/int64).
 
     Args and result as ``nms``; boxes of different categories never suppress each other. As torchvision,
-    empty ``boxes`` give an empty result before the other arguments are looked at.
+    empty ``boxes`` give an empty result before the other arguments are looked at, and equal scores come in
+    its order: by increasing index up to its size threshold (4000 coordinates on CPU, 100000 elsewhere), as
+    its unstable re-sort leaves them above it (module docstring).
     """
     if isinstance(boxes, Tensor) and boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    return torch.ops.mrcnn.nms(boxes, scores, idxs, float(iou_threshold))
+    keep = torch.ops.mrcnn.nms(boxes, scores, idxs, float(iou_threshold))
+    if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000) and not torch.jit.is_tracing():
+        # torchvision's batched_nms above this size (its _batched_nms_vanilla; the thresholds of 0.26 and 0.29): nms
+        # per class, then the kept indices, increasing, re-sorted by score with torch's unstable sort. The same
+        # calls on the same values give its order of equal scores.
+        keep = keep.sort()[0]
+        keep = keep[scores[keep].sort(descending=True)[1]]
+    return keep
 
 
 def nms_fixed(
@@ -238,7 +251,8 @@ def nms_fixed(
     which synchronises the host once: capture a CUDA graph after such a call (warm-up), not during it.
 
     Per row ``b``: the first ``max_out`` indices that ``nms(boxes[b][valid[b]], ...)`` (or ``batched_nms``
-    with ``idxs[b]``) would keep, as indices into ``boxes[b]``, by decreasing score, padded.
+    with ``idxs[b]``) would keep, as indices into ``boxes[b]``, by decreasing score, padded; equal scores by
+    increasing index (``nms``'s order; ``batched_nms`` above its size threshold orders them as torchvision).
 
     Args:
         boxes: ``Tensor[B, N, 4]`` ``(x1, y1, x2, y2)``.

@@ -340,6 +340,105 @@ def _check_and_complete(data: dict[str, Any], path: str) -> None:
         )  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------------------
+# Masks as COCO polygons
+# ----------------------------------------------------------------------------------------------
+
+# Unit steps of the outline directions: +x, +y, -x, -y (image coordinates, y down).
+_STEPS = ((1, 0), (0, 1), (-1, 0), (0, -1))
+
+
+def _outlines(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """The closed outlines of a boolean ``[h, w]`` mask along pixel edges, as their corner points ``(x, y)``
+    (pixel ``(r, c)`` is the square ``[c, c + 1] x [r, r + 1]``), walked with the mask on the right (y down):
+    clockwise on screen around a part, counter-clockwise around a hole. Where two pixels touch only at a corner
+    the walk turns towards the mask, so each 4-connected part has its own outline.
+    """
+    h, w = mask.shape
+    padded = np.pad(mask, 1)
+    inner = padded[1:-1, 1:-1]
+    # out[v]: bit d set when an edge in direction d starts at vertex v = y * (w + 1) + x.
+    out = np.zeros((h + 1, w + 1), dtype=np.uint8)
+    out[:-1, :-1] |= (inner & ~padded[:-2, 1:-1]) * np.uint8(1)  # top edges, from (c, r) towards +x
+    out[:-1, 1:] |= (inner & ~padded[1:-1, 2:]) * np.uint8(2)  # right edges, from (c + 1, r) towards +y
+    out[1:, 1:] |= (inner & ~padded[2:, 1:-1]) * np.uint8(4)  # bottom edges, from (c + 1, r + 1) towards -x
+    out[1:, :-1] |= (inner & ~padded[1:-1, :-2]) * np.uint8(8)  # left edges, from (c, r + 1) towards -y
+    starts = np.flatnonzero(out).tolist()
+    edges = bytearray(out.tobytes())
+    moves = [dx + dy * (w + 1) for dx, dy in _STEPS]
+    outlines = []
+    # A loop's first vertex in raster order is its top-left corner, where it starts towards +x (a part) or +y (a
+    # hole), so every loop starts at a corner.
+    for v0 in starts:
+        while edges[v0]:
+            d = d0 = (edges[v0] & -edges[v0]).bit_length() - 1
+            edges[v0] ^= 1 << d
+            corners = [(v0 % (w + 1), v0 // (w + 1))]
+            v = v0 + moves[d]
+            while True:
+                free = edges[v] | (1 << d0 if v == v0 else 0)
+                turn = next(t for t in ((d + 1) % 4, d, (d + 3) % 4) if free >> t & 1)
+                if v == v0 and turn == d0:
+                    break
+                edges[v] ^= 1 << turn
+                if turn != d:
+                    corners.append((v % (w + 1), v // (w + 1)))
+                d = turn
+                v += moves[d]
+            outlines.append(corners)
+    return outlines
+
+
+def _signed_area(points: list[tuple[int, int]]) -> int:
+    """Twice the shoelace area: positive for a part's outline, negative for a hole's (``_outlines``)."""
+    xy = np.asarray(points)
+    x, y = xy[:, 0], xy[:, 1]
+    return int(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+def _inside(point: tuple[float, float], points: list[tuple[int, int]]) -> bool:
+    """Whether ``point`` (never on an edge) is inside the closed outline ``points`` (even-odd rule)."""
+    xy = np.asarray(points, dtype=np.float64)
+    x0, y0 = xy[:, 0], xy[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    px, py = point
+    crosses = ((y0 > py) != (y1 > py)) & (px < x0 + (py - y0) * (x1 - x0) / np.where(y1 == y0, 1, y1 - y0))
+    return bool(np.count_nonzero(crosses) % 2)
+
+
+def mask_to_polygons(mask: np.ndarray) -> list[list[int]]:
+    """A binary mask as COCO polygons that rasterise back to exactly the mask.
+
+    Args:
+        mask: ``[h, w]`` array, nonzero inside.
+
+    Returns:
+        One polygon ``[x0, y0, x1, y1, ...]`` (integer pixel corners) per 4-connected part of the mask: the
+        part's outline along pixel edges, with the outline of each of its holes spliced in through a cut (a
+        segment walked there and back) from the nearest corner. pycocotools' ``frPyObjects`` (what COCOeval,
+        ``CocoDataset`` and torchvision's detection references read polygons with) fills a polygon by the
+        even-odd rule, along pixel centres, and the parts' polygons by union: the result is the mask, pixel
+        for pixel (``to_coco`` checks it). A part's outline runs clockwise on screen and its holes the other
+        way, so the nonzero winding rule leaves the holes out too. An empty mask gives ``[]``.
+    """
+    outlines = _outlines(np.asarray(mask) != 0)
+    areas = [_signed_area(o) for o in outlines]
+    parts = [i for i, a in enumerate(areas) if a > 0]
+    spliced = {i: list(outlines[i]) for i in parts}
+    for i, hole in enumerate(outlines):
+        if areas[i] > 0:
+            continue
+        # The pixel on the mask side of the hole's first edge (towards +y from its top-left corner: the pixel to
+        # its left) belongs to the part around the hole: the smallest outline containing its centre.
+        x, y = hole[0]
+        centre = (x - 0.5, y + 0.5)
+        part = min((p for p in parts if _inside(centre, outlines[p])), key=lambda p: areas[p])
+        points = spliced[part]
+        near = int(np.argmin([(px - x) ** 2 + (py - y) ** 2 for px, py in points]))
+        spliced[part] = points[: near + 1] + hole + [hole[0]] + points[near:]
+    return [[c for point in spliced[i] for c in point] for i in parts]
+
+
 class CocoDataset(Dataset):
     """COCO-format instance segmentation data, in torchvision's detection item format.
 

@@ -37,6 +37,8 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from .coco import mask_to_polygons
+
 CLASSES: tuple[str, ...] = ("background", "circle", "rectangle", "triangle", "ellipse")
 
 _SPLIT_CODES = {"train": 0, "val": 1}
@@ -321,11 +323,16 @@ def _mask_boxes(masks: np.ndarray) -> torch.Tensor:
 
 
 def to_coco(dataset: ShapesDataset, image_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The dataset as a COCO instances dict: images, annotations (compressed-RLE ``segmentation``,
-    ``bbox`` xywh, ``area``, ``iscrowd``), categories. Image ids are the item indices, annotation
-    ids count from 1 (COCOeval treats annotation id 0 as "no match"). With ``image_dir``, also
-    writes the images there as PNG (named by ``dataset.file_name``; lossless, so ``CocoDataset``
-    reads back the same pixels)."""
+    """The dataset as a COCO instances dict: images, annotations (``segmentation``, ``bbox`` xywh,
+    ``area`` in pixels, ``iscrowd`` 0), categories. Image ids are the item indices, annotation ids count
+    from 1 (COCOeval treats annotation id 0 as "no match"). With ``image_dir``, also writes the images
+    there as PNG (named by ``dataset.file_name``; lossless, so ``CocoDataset`` reads back the same pixels).
+
+    Segmentations are polygons, COCO's form for ``iscrowd: 0`` (``coco.mask_to_polygons``: one per part of
+    the visible mask, holes cut in), so that every COCO reader takes them, torchvision's detection
+    references included (``pycocotools.mask.frPyObjects(polygons, h, w)``, which fails on an RLE). Each
+    annotation's polygons are rasterised here through pycocotools and must give its mask pixel for pixel
+    (a ``RuntimeError`` otherwise)."""
     if image_dir is not None:
         from PIL import Image
 
@@ -339,17 +346,23 @@ def to_coco(dataset: ShapesDataset, image_dir: str | os.PathLike | None = None) 
             Image.fromarray(image).save(os.path.join(image_dir, dataset.file_name(index)))
         if not len(labels):
             continue
-        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8))
-        for rle, box, label in zip(rles, _mask_boxes(masks).tolist(), labels.tolist(), strict=True):
+        for mask, box, label in zip(masks, _mask_boxes(masks).tolist(), labels.tolist(), strict=True):
+            polygons = mask_to_polygons(mask)
+            drawn = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, h, w)))
+            if not np.array_equal(drawn, mask):
+                raise RuntimeError(
+                    f"image {index}: pycocotools rasterises the polygons of instance {len(annotations) + 1} into "
+                    f"{int(drawn.sum())} pixels, not its mask's {int(mask.sum())}"
+                )
             x1, y1, x2, y2 = box
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": index,
                     "category_id": dataset.label_to_cat[label],
-                    "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+                    "segmentation": polygons,
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": float(mask_utils.area(rle)),
+                    "area": float(mask.sum()),
                     "iscrowd": 0,
                 }
             )

@@ -184,6 +184,41 @@ def test_batched_nms_matches_torchvision_vanilla_path(backend):
     assert torch.equal(batched_nms(boxes, scores, idxs, 0.6), torchvision.ops.batched_nms(boxes, scores, idxs, 0.6))
 
 
+def tied_batch(n: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` boxes on a 1/8 grid (torchvision's class offsets exact) with 4 score levels (ties everywhere) in 7
+    classes."""
+    boxes = clustered_boxes(n, clusters=max(6, n // 25), grid=0.125) * (1 + n // 2000)
+    return boxes.to(device), (torch.randint(0, 4, (n,)).float() / 4).to(device), torch.randint(0, 7, (n,)).to(device)
+
+
+def stable_order(keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``keep``'s indices by decreasing score, equal scores by increasing index (nms's order)."""
+    keep = keep.sort()[0]
+    return keep[torch.sort(scores[keep], descending=True, stable=True)[1]]
+
+
+@pytest.mark.parametrize("n", [1000, 1001])
+def test_batched_nms_tie_order_at_torchvision_threshold(backend, n):
+    """torchvision's CPU batched_nms: up to 1000 boxes (4000 coordinates) its coordinate trick, so nms's stable
+    order; above, nms per class and then its kept indices re-sorted by score with torch's unstable sort, which
+    reorders equal scores. Ours gives its indices in its order on both sides, ties included."""
+    boxes, scores, idxs = tied_batch(n)
+    ref = torchvision.ops.batched_nms(boxes, scores, idxs, 0.5)
+    assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), ref)
+    if n > 1000:  # what the README says of torchvision: its re-sort moves equal scores out of index order
+        assert not torch.equal(ref, stable_order(ref, scores))
+    else:
+        assert torch.equal(ref, stable_order(ref, scores))
+
+
+@pytest.mark.parametrize("n", [3000, 20000])
+def test_batched_nms_tie_order_large(n):
+    """The torch path (the CPU drop-in) at sizes where torchvision runs per class, ties included."""
+    boxes, scores, idxs = tied_batch(n)
+    with use_backend("torch"):
+        assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_dtypes(backend, dtype):
     """torchvision's CPU nms has no half kernel. On integer coordinates <= 64 every side and area is exact in
@@ -393,6 +428,16 @@ def test_cuda_matches_torchvision(dtype):
             ref = torchvision.ops.batched_nms(boxes[b], scores[b], idxs[b], 0.7)
             assert torch.equal(batched_nms(boxes[b], scores[b], idxs[b], 0.7), ref)
             assert torch.equal(keep[b][keep_valid[b]], ref[:1000])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [25000, 25001])
+def test_cuda_batched_nms_tie_order_at_torchvision_threshold(n):
+    """On CUDA torchvision's batched_nms runs per class above 100000 coordinates (25000 boxes) and re-sorts as on
+    the CPU: ours gives its indices in its order on both sides, ties included."""
+    boxes, scores, idxs = tied_batch(n, "cuda")
+    ref = torchvision.ops.batched_nms(boxes, scores, idxs, 0.5)
+    assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), ref)
 
 
 @pytest.mark.cuda

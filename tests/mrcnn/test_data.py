@@ -33,6 +33,7 @@ from mrcnn.data import (
     to_coco_results,
     write_coco,
 )
+from mrcnn.data.coco import mask_to_polygons
 
 SIZE_RANGE = ((64, 96), (72, 112))
 
@@ -249,18 +250,120 @@ def test_coco_export_round_trip(tmp_path):
     assert coco_ds.classes == ds.classes and coco_ds.label_to_cat == ds.label_to_cat
     for i in range(len(ds)):
         _assert_items_equal(coco_ds[i], ds[i])
-    # The annotation dict: 1-based annotation ids, bbox = xywh of the target boxes, RLE = masks.
+    # The annotation dict: 1-based annotation ids, bbox = xywh of the target boxes, polygons of the masks.
     data = to_coco(ds)
     assert json.loads(json.dumps(data)) == data
     anns = data["annotations"]
     assert [a["id"] for a in anns] == list(range(1, len(anns) + 1))
     first = [a for a in anns if a["image_id"] == 0]
     _, t0 = ds[0]
+    h, w = t0["masks"].shape[-2:]
     for a, box, mask in zip(first, t0["boxes"], t0["masks"], strict=True):
         x1, y1, x2, y2 = box.tolist()
         assert a["bbox"] == [x1, y1, x2 - x1, y2 - y1]
-        assert np.array_equal(mask_utils.decode(a["segmentation"]), mask.numpy())
+        assert a["iscrowd"] == 0 and all(type(v) is int for polygon in a["segmentation"] for v in polygon)
+        assert np.array_equal(mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], h, w))),
+                              mask.numpy())  # fmt: skip
         assert a["area"] == mask.sum().item()
+
+
+def _convert_coco_poly_to_mask(segmentations: list, height: int, width: int) -> torch.Tensor:
+    """torchvision's ``references/detection/coco_utils.py`` ``convert_coco_poly_to_mask``, verbatim in what it
+    calls (the references are scripts, not in the wheel)."""
+    masks = []
+    for polygons in segmentations:
+        rles = mask_utils.frPyObjects(polygons, height, width)
+        mask = mask_utils.decode(rles)
+        if len(mask.shape) < 3:
+            mask = mask[..., None]
+        mask = torch.as_tensor(mask, dtype=torch.uint8)
+        mask = mask.any(dim=2)
+        masks.append(mask)
+    if masks:
+        return torch.stack(masks, dim=0)
+    return torch.zeros((0, height, width), dtype=torch.uint8)
+
+
+def test_coco_export_reads_through_torchvision_references(tmp_path):
+    """The written file through the default data path of torchvision's detection references
+    (``ConvertCocoPolysToMask``: crowds dropped, then ``convert_coco_poly_to_mask``): the dataset's masks, pixel
+    for pixel, with instances of several parts and with holes among them."""
+    ds = _shapes("train", 24, min_objects=4, max_objects=6)
+    write_coco(ds, tmp_path / "ann.json")
+    with open(tmp_path / "ann.json") as f:
+        data = json.load(f)
+    parts = holes = 0
+    for image in data["images"]:
+        anno = [a for a in data["annotations"] if a["image_id"] == image["id"] and a["iscrowd"] == 0]
+        masks = _convert_coco_poly_to_mask([a["segmentation"] for a in anno], image["height"], image["width"])
+        _, target = ds[image["id"]]
+        assert torch.equal(masks.to(torch.uint8), target["masks"])
+        parts += sum(len(a["segmentation"]) > 1 for a in anno)
+        holes += sum(_has_hole(m) for m in target["masks"].numpy())
+    assert parts and holes, (parts, holes)  # the cases that need more than one outline occur
+
+
+def _has_hole(mask: np.ndarray) -> bool:
+    """Whether some background pixel is cut off from the image border (4-connected flood from the border)."""
+    outside = np.zeros(np.array(mask.shape) + 2, dtype=bool)
+    outside[0, :] = outside[-1, :] = outside[:, 0] = outside[:, -1] = True
+    free = np.pad(mask == 0, 1, constant_values=True)
+    while True:
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= free
+        if np.array_equal(grown, outside):
+            return bool((free & ~outside).any())
+        outside = grown
+
+
+def _winding_numbers(polygon: list[int], h: int, w: int) -> np.ndarray:
+    """``[h, w]`` winding numbers of the closed polygon around the pixel centres (the nonzero rule's input)."""
+    xy = np.array(polygon, dtype=np.float64).reshape(-1, 2)
+    x0, y0 = xy[:, 0], xy[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    py, px = np.mgrid[:h, :w] + 0.5
+    wind = np.zeros((h, w), dtype=np.int64)
+    for a, b, c, d in zip(x0, y0, x1, y1, strict=True):
+        if b == d:
+            continue
+        x_at = a + (py - b) * (c - a) / (d - b)
+        wind += ((min(b, d) < py) & (py < max(b, d)) & (px < x_at)) * (1 if d > b else -1)
+    return wind
+
+
+@pytest.mark.parametrize("density", [0.3, 0.55, 0.8])
+def test_mask_to_polygons_rasterise_to_the_mask(density):
+    """Random masks (parts touching at corners only, holes, islands in holes, pixels on the border): pycocotools
+    fills the polygons into exactly the mask (even-odd per polygon, union over them), and so does the nonzero
+    winding rule."""
+    rng = np.random.default_rng(int(density * 100))
+    for _ in range(40):
+        h, w = rng.integers(1, 24, size=2)
+        mask = rng.random((h, w)) < density
+        polygons = mask_to_polygons(mask)
+        assert all(len(p) % 2 == 0 and len(p) >= 8 for p in polygons)
+        drawn = mask_utils.decode(mask_utils.frPyObjects(polygons, h, w)).any(2) if polygons else mask & False
+        assert np.array_equal(drawn, mask)
+        nonzero = np.any([_winding_numbers(p, h, w) != 0 for p in polygons], axis=0) if polygons else drawn
+        assert np.array_equal(nonzero, mask)
+
+
+def test_mask_to_polygons_golden():
+    ring = np.zeros((5, 6), dtype=np.uint8)
+    ring[1:4, 1:4] = 1
+    ring[2, 2] = 0  # a hole: spliced into the ring's outline at its nearest corner, (1, 1)
+    ring[4, 5] = 1  # a second part, on the image's corner
+    assert mask_to_polygons(ring) == [
+        [1, 1, 2, 2, 2, 3, 3, 3, 3, 2, 2, 2, 1, 1, 4, 1, 4, 4, 1, 4],
+        [5, 4, 6, 4, 6, 5, 5, 5],
+    ]
+    diagonal = np.eye(2, dtype=bool)  # pixels touching at a corner: two parts
+    assert mask_to_polygons(diagonal) == [[0, 0, 1, 0, 1, 1, 0, 1], [1, 1, 2, 1, 2, 2, 1, 2]]
+    assert mask_to_polygons(np.zeros((3, 3))) == []
 
 
 def _rle_counts_column_major(mask: np.ndarray) -> list[int]:
