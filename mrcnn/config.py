@@ -70,6 +70,9 @@ class MaskRCNNConfig:
     mask_size: int = 28
     representation_size: int = 1024
     binarize_mask_targets: bool = False  # torchvision: soft targets; detectron2/mmdet: binarised at 0.5
+    # Backbone + FPN channels-last (NHWC), so that RoIAlign reads its NHWC features in place: "auto" = on CUDA,
+    # off on CPU (the shapes preset's step, torch path, 1 thread: 1.15x slower channels-last, inference 1.23x).
+    channels_last: str = "auto"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -113,6 +116,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "aspect_ratios": (lambda v: v > 0, "> 0"),
     "rpn_min_size": (lambda v: v >= 0, ">= 0"),
     "bbox_reg_weights": (lambda v: v > 0, "> 0"),
+    "channels_last": (lambda v: v in ("auto", "on", "off"), "'auto', 'on' or 'off'"),
     **{name: (lambda v: v >= 1, ">= 1") for name in _POSITIVE},
     **{name: (lambda v: 0 <= v <= 1, "in [0, 1]") for name in _FRACTIONS},
 }
