@@ -8,14 +8,14 @@ and their weights follow ``_sampling_kernels`` (shared with the mask loss).
 
 Layout: the kernels read and write feature maps channels-last (NHWC), a channel stride of 1 that the compiler
 knows (it is not an argument), so that a warp's lanes run along contiguous channels: every bilinear corner of
-a bin is one contiguous row of channels, loaded as 16-byte vectors (``ld.global.v4``), and the backward adds
-to it with 16-byte relaxed vector atomics (``atom.global.gpu.relaxed.add.v4.f32``; ``sem="relaxed"``: the
-result is unused, and Triton's default ``acq_rel`` orders every atomic). One program per (RoI, block of
-``BLOCK_C`` channels) walks the RoI's ``PH*PW`` bins ``BLOCK_P`` at a time; the output ``[K, C, PH, PW]``
-(torchvision's contiguous layout) is stored along bins, where it is contiguous (Triton converts the tile's
-layout through shared memory for that store). Feature strides of batch, height and width are arguments and
-specialised (divisible by 16 for C = 256), which the vector width needs; the sizes and the RoI count are not,
-so that a new image size compiles nothing.
+a bin is one contiguous row of channels, loaded as 16-byte vectors (``ld.global.v4``; 8-byte for bf16 where a
+thread holds 4 channels), and the backward adds to it with 16-byte relaxed vector atomics
+(``atom.global.gpu.relaxed.add.v4.f32``; ``sem="relaxed"``: the result is unused, and Triton's default
+``acq_rel`` orders every atomic). One program per (RoI, block of ``BLOCK_C`` channels) walks the RoI's
+``PH*PW`` bins ``BLOCK_P`` at a time; the output ``[K, C, PH, PW]`` (torchvision's contiguous layout) is stored
+along bins, where it is contiguous (Triton converts the tile's layout through shared memory for that store).
+Feature strides of batch, height and width are arguments and specialised (divisible by 16 for C = 256), which
+the vector width needs; the sizes and the RoI count are not, so that a new image size compiles nothing.
 
 NCHW inputs (what torchvision's users pass) are transposed to NHWC, one copy per level, and the gradient of
 NCHW features is accumulated NHWC and transposed back in its conversion pass. Why this and not NCHW tiles
@@ -38,10 +38,11 @@ with lanes along bins (torchvision's order), by arithmetic for the COCO shapes o
   that pass adds 0 bytes for bf16 and 91 us for fp32 (5 % of torchvision's 1.92 ms 7x7 backward).
 
 So the NHWC kernels move ~4x fewer sectors in every gather and every atomic, and the transposes cost 2-14 % of
-what torchvision takes: the NHWC kernels alone are kept. The GPU measurement of both (``bench/test_roi_align.py``,
-NCHW and channels-last inputs) is still to be run.
+what torchvision takes: the NHWC kernels alone are kept. Not yet measured on a GPU: ``bench/test_roi_align.py``
+times NCHW inputs (transposes included, provider ``ours``) and channels-last ones (``ours_channels_last``)
+against torchvision's NCHW kernel, for the next GPU session.
 
-Backward: atomic adds into one zero-filled NHWC buffer for all levels, float32 for every feature dtype
+Backward: atomic adds into zero-filled NHWC buffers, one per level, float32 for every feature dtype
 (float64 for float64), then one conversion pass per level to the gradient's dtype and the features' memory
 format (none at all for float32 channels-last features). In max mode each channel has its own winning
 sample, so those atomics are scalar (still relaxed). Under ``torch.use_deterministic_algorithms`` a tile
@@ -78,8 +79,10 @@ def _gather_configs() -> list[triton.Config]:
     """Configs of the forward and the atomic backward: ``BLOCK_P`` bins x ``BLOCK_C`` channels per step.
 
     The first is the interpreter's: the largest tile means the fewest programs and steps (~3 ms per
-    program). On a GPU, ``BLOCK_C / (32 * num_warps / BLOCK_P ...)``: each thread holds 4 (fp32) or 8 (bf16)
-    channels of a bin per 16-byte vector, and 1-8 such vectors per tile."""
+    program). A thread holds ``BLOCK_P * BLOCK_C / (32 * num_warps)`` elements of a step's tile: 4 to 16, i.e.
+    1-4 vectors of 4 fp32 channels (8-byte vectors of bf16 at 4 elements, 16-byte ones from 8); at the COCO
+    launches on sm_90: 43-180 registers, no spills, and at least 16 resident warps per SM for every config but
+    the first (8-16)."""
     return [
         triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8),
         triton.Config({"BLOCK_P": 8, "BLOCK_C": 64}, num_warps=4),
