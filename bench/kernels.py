@@ -30,7 +30,12 @@ How the argument types of a kernel are known without a GPU, with no per-kernel s
 5. Read. Registers and local memory from ``cuobjdump -res-usage`` (Triton's bundled copy) on the
    cubin, shared memory from the compiled metadata. "Spills" are the local memory bytes per thread,
    which is what Triton's ``n_spills`` reports on a GPU (``CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES``).
-   Occupancy follows CUDA's occupancy calculator (``cuda_occupancy.h``).
+   Occupancy follows CUDA's occupancy calculator (``cuda_occupancy.h``). Global memory instructions from
+   the PTX (``global_memory_ops``): the width in bits of every load, store and atomic (``ld.global.v4.b32``:
+   128) and the atomics' memory ordering (``relaxed``, ``acq_rel``), counted per static instruction.
+
+Without a test run, ``record_calls`` records the launches a callable makes (meta tensors will do) and
+``compile_launches`` compiles them: ``tests/kernels/test_roi_align_ptx.py`` checks RoIAlign's PTX that way.
 """
 
 from __future__ import annotations
@@ -186,16 +191,19 @@ def _int_width(value: int) -> str:
     return "i32" if -(2**31) <= value < 2**31 else ("u64" if value >= 2**63 else "i64")
 
 
-# Integers rebuilt for compiling: values Triton does not specialize on (not 1, not divisible by 16).
+# Integers rebuilt for compiling: values Triton does not specialize on (not 1, not divisible by 16), and for an
+# integer recorded divisible by 16 (Triton's one specialization besides 1; it sets vector widths), such values.
 _NEUTRAL_INT = {"i32": 17, "i64": 2**40 + 1, "u64": 2**63 + 1}
+_NEUTRAL_DIV16 = {"i32": 272, "i64": 2**44 + 16, "u64": 2**63 + 16}
 
 
 def _encode(value: Any, constexpr: bool) -> dict[str, Any]:
     """The JSON form of one launch argument, reduced to what a production launch would specialize on:
     a tensor by its dtype (compiled as 16-byte aligned, as a fresh allocation is), a non-constexpr
-    integer by its width (compiled unspecialized: the sizes and strides of the small test inputs,
-    such as a C == 1 that Triton would turn into a constant, say nothing of real launches), a
-    constexpr by its value."""
+    integer by its width and whether 16 divides it (compiled otherwise unspecialized: the sizes and
+    strides of the small test inputs, such as a C == 1 that Triton would turn into a constant, say
+    nothing of real launches; a channels-last stride of C = 256 is divisible by 16 in every real one),
+    a constexpr by its value."""
     import triton.language as tl
 
     if isinstance(value, tl.constexpr):
@@ -205,7 +213,7 @@ def _encode(value: Any, constexpr: bool) -> dict[str, Any]:
     if isinstance(value, tl.dtype):
         return {"tl": str(value)}
     if not constexpr and isinstance(value, int) and not isinstance(value, bool):
-        return {"int": _int_width(value)}
+        return {"int": _int_width(value), **({"div16": True} if value % 16 == 0 else {})}
     if not constexpr and isinstance(value, float):
         return {"value": 0.5}
     if value is None or isinstance(value, bool | int | float | str):
@@ -479,7 +487,7 @@ def _decode(enc: dict[str, Any]) -> Any:
     if "tensor" in enc:
         return _StandIn(getattr(torch, enc["tensor"]))
     if "int" in enc:
-        return _NEUTRAL_INT[enc["int"]]
+        return (_NEUTRAL_DIV16 if enc.get("div16") else _NEUTRAL_INT)[enc["int"]]
     if "tl" in enc:
         return tl.dtype(enc["tl"])
     if "value" in enc:
@@ -591,6 +599,33 @@ def cuobjdump() -> str:
 
 
 _RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_GLOBAL_OP = re.compile(r"\b(ld|st|atom|red)\.global((?:\.[\w:]+)+)")
+_PTX_TYPE = re.compile(r"(?:b|f|s|u|bf)(\d+)(x2)?")
+_ORDERINGS = ("relaxed", "acquire", "release", "acq_rel", "sc")
+
+
+def global_memory_ops(ptx: str) -> dict[str, dict[str, int]]:
+    """Static counts of the global memory instructions in ``ptx``: ``{"ld": {bits: n}, "st": {...}, "atom":
+    {...}, "order": {ordering: n}}``. Bits are the instruction's width (vector lanes x element bits:
+    ``ld.global.v4.b32`` is 128, ``atom.global.gpu.relaxed.add.v4.f32`` 128); ``atom`` counts ``atom`` and
+    ``red``, and ``order`` their memory ordering (PTX's default, when none is written, is ``relaxed``)."""
+    out: dict[str, dict[str, int]] = {"ld": {}, "st": {}, "atom": {}, "order": {}}
+    for op, suffix in _GLOBAL_OP.findall(ptx):
+        parts = suffix.split(".")[1:]
+        lanes = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        types = [m for p in parts if (m := _PTX_TYPE.fullmatch(p))]
+        bits = int(types[-1].group(1)) * (2 if types[-1].group(2) else 1) if types else 0
+        kind = "atom" if op in ("atom", "red") else op
+        out[kind][str(lanes * bits)] = out[kind].get(str(lanes * bits), 0) + 1
+        if kind == "atom":
+            order = next((p for p in parts if p in _ORDERINGS), "relaxed")
+            out["order"][order] = out["order"].get(order, 0) + 1
+    return out
+
+
+def memory_label(counts: dict[str, int]) -> str:
+    """``{"128": 8, "32": 1}`` as ``128x8 32x1`` (widest first), ``-`` if empty."""
+    return " ".join(f"{w}x{n}" for w, n in sorted(counts.items(), key=lambda kv: -int(kv[0]))) or "-"
 
 
 def _compile(job: Job) -> dict[str, Any]:
@@ -613,6 +648,7 @@ def _compile(job: Job) -> dict[str, Any]:
             f.flush()
             usage = subprocess.run([cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True)
         regs, stack, _, local = map(int, _RES_USAGE.search(usage.stdout).groups())
+        row["memory"] = global_memory_ops(compiled.asm["ptx"])
     except Exception as e:  # noqa: BLE001 - a compile error is a result to report, not a crash
         row["error"] = f"{type(e).__name__}: {e}"[:2000]
         return row
@@ -622,6 +658,39 @@ def _compile(job: Job) -> dict[str, Any]:
 
 
 _KERNELS: dict[str, Kernel] = {}  # set before the worker pool forks, read by the workers
+
+
+def record_calls(call: Any, source: str = "coco") -> dict[str, list[dict[str, Any]]]:
+    """The launches of autotuned kernels that ``call()`` makes, recorded as the interpreted recording does
+    (labelled ``source``) and not executed: no GPU needed, and ``call`` may pass meta tensors of real shapes.
+    Needs a process without ``TRITON_INTERPRET``, as ``discover``."""
+    import torch
+    from triton.runtime.autotuner import Autotuner
+
+    recorder = _Recorder(os.devnull)
+    saved = Autotuner.run, torch.library.wrap_triton
+    Autotuner.run = lambda tuner, *args, **kwargs: recorder.record(tuner.fn, args, kwargs)
+    # wrap_triton's wrapper dispatches meta tensors to a fake kernel that launches nothing.
+    torch.library.wrap_triton = lambda kernel: kernel
+    try:
+        call()
+    finally:
+        Autotuner.run, torch.library.wrap_triton = saved
+    launches = {kid: list(specimens.values()) for kid, specimens in recorder.specimens.items()}
+    for specimens in launches.values():
+        for specimen in specimens:
+            specimen["source"] = source
+    return launches
+
+
+def compile_launches(
+    launches: dict[str, list[dict[str, Any]]], archs: Sequence[str] = ("90",), workers: int | None = None
+) -> list[dict[str, Any]]:
+    """Compile every recorded launch of ``launches`` (kernel id -> specimens, as ``record_calls`` returns) with
+    every autotune config of its kernel for ``archs``: the rows of ``run``, PTX memory instructions included."""
+    found, _ = discover()
+    jobs = [job for kid, specimens in launches.items() for job in make_jobs(found[kid], specimens, archs, set())]
+    return compile_all(found, jobs, workers)
 
 
 def compile_all(kernels: dict[str, Kernel], jobs: list[Job], workers: int | None = None) -> list[dict[str, Any]]:
@@ -717,11 +786,16 @@ def worst_case(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (arch, kernel, config, dtype), rs in groups.items():
         worst = min(rs, key=lambda r: (r["blocks"], -r["regs"], -r["spills"]))
+        memory: dict[str, dict[str, int]] = {}
+        for r in rs:  # per width, the most instructions any specialization has
+            for kind, counts in r.get("memory", {}).items():
+                for width, n in counts.items():
+                    memory.setdefault(kind, {})[width] = max(n, memory.get(kind, {}).get(width, 0))
         out.append({"arch": arch, "kernel": kernel, "config": config, "dtype": dtype, "variants": len(rs),
                     "regs": max(r["regs"] for r in rs), "spills": max(r["spills"] for r in rs),
                     "smem": max(r["smem"] for r in rs), "blocks": worst["blocks"],
                     "occupancy": worst["occupancy"], "launch": worst.get("launch", "-"),
-                    "source": worst.get("source", "tests")})  # fmt: skip
+                    "source": worst.get("source", "tests"), "memory": memory})  # fmt: skip
     return out
 
 
@@ -765,7 +839,9 @@ def markdown(result: dict[str, Any]) -> str:
         "constexprs, i.e. output size, levels, mode, block sizes). Spills: local-memory bytes per thread;",
         "smem: shared memory of one block; occupancy: resident warps / 64, from registers, shared memory,",
         "threads and 32 blocks per SM as CUDA's occupancy calculator computes it. Plain `triton.jit` kernels",
-        "show the options of their launch (`default`: 4 warps).",
+        "show the options of their launch (`default`: 4 warps). `ld`, `st`, `atom`: the global loads, stores",
+        "and atomics of the PTX as `bits x instructions` (128: a 16-byte vector; the most of each width over",
+        "the launches), `order`: the atomics' memory ordering.",
     ]
     summary = worst_case(result["rows"])
     for arch in dict.fromkeys(r["arch"] for r in result["rows"]):
@@ -773,13 +849,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"## {a.name} ({a.gpu}: 65536 regs, {a.threads_per_sm} threads, "
                   f"{a.smem_per_sm // 1024} KB shared memory, {a.blocks_per_sm} blocks per SM)", "",
                   "| kernel | config | dtype | from | var | regs/thread | spills (B) | smem (B) | blocks/SM "
-                  "| occupancy | worst launch |",
-                  "|---|---|---|---|--:|--:|--:|--:|--:|--:|---|"]  # fmt: skip
+                  "| occupancy | ld | st | atom | order | worst launch |",
+                  "|---|---|---|---|--:|--:|--:|--:|--:|--:|---|---|---|---|---|"]  # fmt: skip
         for r in sorted((r for r in summary if r["arch"] == arch), key=lambda r: (r["kernel"], r["dtype"])):
             source = "COCO" if r["source"] == "coco" else "tests"
+            mem = {kind: memory_label(r["memory"].get(kind, {})) for kind in ("ld", "st", "atom")}
+            order = " ".join(f"{o}x{n}" for o, n in sorted(r["memory"].get("order", {}).items())) or "-"
             lines.append(f"| {_short(r['kernel'])} | {r['config']} | {r['dtype']} | {source} | {r['variants']} "
                          f"| {r['regs']} | {r['spills']} | {r['smem']} | {r['blocks']} | {r['occupancy']:.0%} "
-                         f"| {r['launch']} |")  # fmt: skip
+                         f"| {mem['ld']} | {mem['st']} | {mem['atom']} | {order} | {r['launch']} |")  # fmt: skip
     if any(r["arch"] == "90" for r in result["rows"]):
         low = below_floor(result["rows"])
         lines += ["", f"## Occupancy floor (sm_90): a config with no spills and >= {FLOOR_WARPS} resident warps "

@@ -4,7 +4,10 @@ Providers:
 * ``torchvision``: ``torchvision.ops.roi_align`` (single level) and ``torchvision.ops.MultiScaleRoIAlign``
   (one roi_align + ``where`` per level). torchvision has no bf16 kernel: for bf16 it runs on float32 copies
   and casts back, which is what its autocast registration does.
-* ``ours``: ``kernels.roi_align`` and ``kernels.MultiScaleRoIAlign`` (one launch for all levels).
+* ``ours``: ``kernels.roi_align`` and ``kernels.MultiScaleRoIAlign`` (one launch for all levels) on the same NCHW
+  features (their transposes to channels-last, and the gradient's back, are in the time).
+* ``ours_channels_last``: the same on channels-last features (what our model passes; the gradient stays
+  channels-last). torchvision has no channels-last kernel: its column is NCHW in every row.
 
 CUDA (COCO shapes of DESIGN.md): 2 images at 800 x 1344, FPN P2-P5 with C=256, 512 RoIs per image, 7x7 and
 14x14 outputs, float32 and bfloat16; single level pools P2 (scale 1/4). CPU (our torch path against
@@ -29,7 +32,7 @@ import kernels
 from bench import coco_shapes
 
 CUDA = torch.cuda.is_available()
-PROVIDERS = ("torchvision", "ours")
+PROVIDERS = ("torchvision", "ours", "ours_channels_last")
 MODES = ("forward", "backward", "full")
 LEVELS = ("multi", "single")  # multi first: what Mask R-CNN runs, measured first when time is short
 OUTPUTS = (7, 14)
@@ -87,10 +90,13 @@ def _level_of(boxes: torch.Tensor) -> torch.Tensor:
 def setup_roi_align(provider: str, levels: str, output: int, dtype: torch.dtype, mode: str) -> tuple[Callable, dict]:
     """A callable running ``mode`` with ``provider`` (synchronised on CUDA), and its ``extra_info``."""
     features, boxes, image_shapes = make_inputs(dtype)
+    if provider == "ours_channels_last":
+        features = {k: f.contiguous(memory_format=torch.channels_last) for k, f in features.items()}
     cast = provider == "torchvision" and dtype == torch.bfloat16  # torchvision has no bf16 kernel
+    ours = provider != "torchvision"
     if levels == "single":
         feature = features["0"].requires_grad_(mode != "forward")
-        if provider == "ours":
+        if ours:
             pool = lambda: kernels.roi_align(feature, boxes, output, SCALES[0], 2)
         else:
             pool = lambda: torchvision.ops.roi_align(
@@ -100,7 +106,7 @@ def setup_roi_align(provider: str, levels: str, output: int, dtype: torch.dtype,
     else:
         for f in features.values():
             f.requires_grad_(mode != "forward")
-        module = (kernels.MultiScaleRoIAlign if provider == "ours" else torchvision.ops.MultiScaleRoIAlign)(
+        module = (kernels.MultiScaleRoIAlign if ours else torchvision.ops.MultiScaleRoIAlign)(
             list(features), output, 2
         )
         if cast:
@@ -171,12 +177,15 @@ def test_roi_align(benchmark, provider: str, levels: str, output: int, dtype: to
 
 @pytest.mark.parametrize("levels", LEVELS)
 def test_providers_agree(levels: str) -> None:
-    """The benchmarked callables compute the same pooling (guards against timing a wrong path)."""
+    """The benchmarked callables compute the same pooling, from NCHW and channels-last features (guards against
+    timing a wrong path)."""
     features, boxes, image_shapes = make_inputs(torch.float32)
+    nhwc = {k: f.contiguous(memory_format=torch.channels_last) for k, f in features.items()}
     if levels == "single":
-        ours = kernels.roi_align(features["0"], boxes, 7, SCALES[0], 2)
+        ours = [kernels.roi_align(fs["0"], boxes, 7, SCALES[0], 2) for fs in (features, nhwc)]
         theirs = torchvision.ops.roi_align(features["0"], boxes, 7, SCALES[0], 2)
     else:
-        ours = kernels.MultiScaleRoIAlign(list(features), 7, 2)(features, boxes, image_shapes)
+        ours = [kernels.MultiScaleRoIAlign(list(fs), 7, 2)(fs, boxes, image_shapes) for fs in (features, nhwc)]
         theirs = torchvision.ops.MultiScaleRoIAlign(list(features), 7, 2)(features, boxes, image_shapes)
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    for out in ours:
+        torch.testing.assert_close(out, theirs, rtol=1e-4, atol=1e-4)

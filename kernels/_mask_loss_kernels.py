@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._sampling_kernels import axis, is_finite, sample_coord, samples_per_bin
+from ._sampling_kernels import axis, is_finite, roi_geometry, sample_coord
 from ._triton_utils import autotune_configs, cast_rn, loop_bound, offset64, tl_acc_dtype, wrap_triton
 
 # Sizes that change from batch to batch (mask count and size, and the mask strides that follow from
@@ -126,19 +126,10 @@ def _mask_loss_fwd_kernel(
         h_img = H
         w_img = W
 
-    # RoIAlign geometry at spatial_scale 1, in torchvision's operation order.
-    offset = 0.5 if ALIGNED else 0.0
-    start_x = x1 - offset
-    start_y = y1 - offset
-    roi_w = (x2 - offset) - start_x
-    roi_h = (y2 - offset) - start_y
-    if not ALIGNED:
-        roi_w = tl.maximum(roi_w, 1.0)
-        roi_h = tl.maximum(roi_h, 1.0)
-    bin_w = roi_w / M
-    bin_h = roi_h / M
-    grid_w = samples_per_bin(bin_w, ok, SAMPLING_RATIO)
-    grid_h = samples_per_bin(bin_h, ok, SAMPLING_RATIO)
+    # RoIAlign's geometry at spatial_scale 1 (as the pair 1 + 0).
+    start_x, start_y, bin_w, bin_h, grid_w, grid_h = roi_geometry(
+        x1, y1, x2, y2, ok, 1.0, 0.0, SAMPLING_RATIO, M, M, ALIGNED, ACC
+    )
 
     ph = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     pw = tl.arange(0, BLOCK_W)

@@ -1,6 +1,7 @@
 """RoIAlign's bilinear sampling rule as Triton device functions: the one copy that RoIAlign
-(``_roi_align_kernels``) and the mask-loss targets (``_mask_loss_kernels``) sample with, and whose
-finiteness test the paste (``_paste_masks_kernels``) uses. ``_sampling_torch`` is the same rule in torch.
+(``_roi_align_kernels``) and the mask-loss targets (``_mask_loss_kernels``) sample with (a RoI's geometry,
+``roi_geometry``, included), and whose finiteness test the paste (``_paste_masks_kernels``) uses.
+``_sampling_torch`` is the same rule in torch.
 
 Math (torchvision's ``roi_align``, step by step): a RoI whose bins measure ``bh x bw`` pixels and start at
 ``(y0, x0)`` takes ``gh x gw`` samples per bin, ``gh = sampling_ratio`` when positive, else ``ceil(bh)``
@@ -75,3 +76,45 @@ def axis(coord, size):
     c = tl.where(edge, low.to(c.dtype), c)
     frac = c - low.to(c.dtype)
     return inside, low, high, 1.0 - frac, frac
+
+
+@triton.jit
+def roi_geometry(x1, y1, x2, y2, ok, scale_hi, scale_lo, sampling_ratio, PH: tl.constexpr, PW: tl.constexpr,
+                 ALIGNED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Start, bin size and samples per bin of RoI ``(x1, y1, x2, y2)`` along y and x for ``PH x PW`` bins:
+    ``(start_x, start_y, bin_w, bin_h, grid_w, grid_h)``, 0 samples where not ``ok``.
+
+    torchvision's order: ``start = x1*s - o``, ``end = x2*s - o`` (``o = 0.5`` when ``ALIGNED``), size
+    ``end - start``, at least 1 when not aligned, bin ``size / PW``. The spatial scale ``s`` arrives as a
+    float32 pair ``scale_hi + scale_lo``: Triton passes Python floats as float32, and float64 inputs
+    (gradcheck, references) need it to double precision (a scale of 1 is ``(1.0, 0.0)``).
+    """
+    offset = 0.5 if ALIGNED else 0.0
+    if ACC == tl.float64:  # noqa: SIM300 (a constexpr dtype comparison, not a Yoda condition)
+        start_x = x1 * scale_hi + x1 * scale_lo - offset
+        start_y = y1 * scale_hi + y1 * scale_lo - offset
+        end_x = x2 * scale_hi + x2 * scale_lo - offset
+        end_y = y2 * scale_hi + y2 * scale_lo - offset
+    else:
+        start_x = x1 * scale_hi - offset
+        start_y = y1 * scale_hi - offset
+        end_x = x2 * scale_hi - offset
+        end_y = y2 * scale_hi - offset
+    roi_w = end_x - start_x
+    roi_h = end_y - start_y
+    # Finite coordinates that overflow once scaled (3e38 * 4 in float32, or spatial_scale 1e39 passed as
+    # float32's inf) sample nothing, as non-finite ones do; their geometry becomes 0 so that no later
+    # arithmetic sees an infinity.
+    ok = ok & is_finite(start_x) & is_finite(start_y) & is_finite(roi_w) & is_finite(roi_h)
+    start_x = tl.where(ok, start_x, 0.0)
+    start_y = tl.where(ok, start_y, 0.0)
+    roi_w = tl.where(ok, roi_w, 0.0)
+    roi_h = tl.where(ok, roi_h, 0.0)
+    if not ALIGNED:
+        roi_w = tl.maximum(roi_w, 1.0)
+        roi_h = tl.maximum(roi_h, 1.0)
+    bin_w = roi_w / PW
+    bin_h = roi_h / PH
+    grid_w = samples_per_bin(bin_w, ok, sampling_ratio)
+    grid_h = samples_per_bin(bin_h, ok, sampling_ratio)
+    return start_x, start_y, bin_w, bin_h, grid_w, grid_h

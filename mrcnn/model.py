@@ -51,6 +51,9 @@ class MaskRCNN(nn.Module):
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be Tensor[B, 3, H, W], got {tuple(images.shape)}; use mrcnn.collate")
+        if self.config.channels_last == "on" or (self.config.channels_last == "auto" and images.is_cuda):
+            # Backbone and FPN keep their input's memory format: the poolers get NHWC features, no copy.
+            images = images.contiguous(memory_format=torch.channels_last)
         features = list(self.backbone(images).values())
         image_shape = (images.shape[-2], images.shape[-1])
         proposals, proposal_valid, rpn_losses = self.rpn(image_shape, features, image_sizes, targets)

@@ -18,7 +18,20 @@ from pathlib import Path
 import pytest
 
 import bench.__main__ as runner
-from bench.kernels import SM80, SM90, below_floor, code_of, committed_hash, occupancy, select, sources_hash
+from bench.kernels import (
+    SM80,
+    SM90,
+    _decode,
+    _encode,
+    below_floor,
+    code_of,
+    committed_hash,
+    global_memory_ops,
+    memory_label,
+    occupancy,
+    select,
+    sources_hash,
+)
 from bench.report import chart_figure, markdown
 from bench.report import main as report_main
 
@@ -261,3 +274,36 @@ def test_below_floor_names_launches_without_a_lean_config() -> None:
     low = below_floor(rows)
     assert [(r["launch"], r["config"], r["warps"]) for r in low] == [("OUT=14", "A", 12)]
     assert below_floor([r for r in rows if r["launch"] == "OUT=7"]) == []
+
+
+def test_global_memory_ops_reads_widths_and_ordering() -> None:
+    """Widths are vector lanes x element bits; shared-memory and non-memory instructions do not count; an atomic
+    without an ordering is PTX's default, relaxed."""
+    ptx = """
+        @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+        ld.global.b32 %r5, [ %rd2 + 0 ];
+        @%p2 ld.global.L1::evict_last.v2.b32 { %r6, %r7 }, [ %rd3 + 0 ];
+        ld.global.b16 %rs1, [ %rd4 + 0 ];
+        ld.shared.v4.b32 { %r8, %r9, %r10, %r11 }, [ %r12 + 0 ];
+        st.global.v4.b32 [ %rd5 + 0 ], { %r1, %r2, %r3, %r4 };
+        st.global.b16 [ %rd6 + 0 ], %rs1;
+        @%p3 atom.global.gpu.relaxed.add.v4.f32 { %f1, %f2, %f3, %f4 }, [ %rd7 + 0 ], { %f5, %f6, %f7, %f8 };
+        atom.global.gpu.acq_rel.add.f32 %f9, [ %rd8 + 0 ], %f10;
+        red.global.add.f32 [ %rd9 + 0 ], %f11;
+        mov.b32 %r13, %r14;
+    """
+    ops = global_memory_ops(ptx)
+    assert ops == {"ld": {"128": 1, "32": 1, "64": 1, "16": 1}, "st": {"128": 1, "16": 1},
+                   "atom": {"128": 1, "32": 2}, "order": {"relaxed": 2, "acq_rel": 1}}  # fmt: skip
+    assert memory_label(ops["ld"]) == "128x1 64x1 32x1 16x1" and memory_label({}) == "-"
+
+
+def test_integers_keep_their_divisibility_by_16() -> None:
+    """A recorded integer compiles with a neutral value of its width that Triton specializes as it would the
+    real one: divisible by 16 or not (never 1, never the test's own small value)."""
+    assert _encode(256, constexpr=False) == {"int": "i32", "div16": True}
+    assert _encode(49, constexpr=False) == {"int": "i32"}
+    assert _encode(256, constexpr=True) == {"value": 256}
+    for value in (0, 16, 256, 17, 49, 2**40 * 16, 2**40 + 3):
+        rebuilt = _decode(_encode(value, constexpr=False))
+        assert rebuilt != 1 and (rebuilt % 16 == 0) == (value % 16 == 0), value

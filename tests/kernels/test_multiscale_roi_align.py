@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from kernels import use_backend
 from kernels.roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
-from tests.kernels.roi_align_tiles import bins_fast_tiles
+from tests.kernels.roi_align_tiles import small_bin_steps
 from tests.reference import (
     boxes_to_rois,
     fpn_level,
@@ -40,10 +40,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NAMES = ["p2", "p3", "p4", "p5"]
 
 
-@pytest.fixture(params=[*BACKENDS, "triton-bins-fast"])
+@pytest.fixture(params=[*BACKENDS, "triton-small-steps"])
 def backend(request: pytest.FixtureRequest):
-    tiles = bins_fast_tiles() if request.param == "triton-bins-fast" else contextlib.nullcontext()
-    with use_backend(request.param.removesuffix("-bins-fast")), tiles:
+    tiles = small_bin_steps() if request.param == "triton-small-steps" else contextlib.nullcontext()
+    with use_backend(request.param.removesuffix("-small-steps")), tiles:
         yield request.param
 
 
@@ -292,6 +292,23 @@ def test_dtypes(backend: str, dtype: torch.dtype) -> None:
             torch.testing.assert_close(g.double(), ref_g, **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_last_matches_nchw(backend: str, dtype: torch.dtype) -> None:
+    """Channels-last features give the NCHW values and gradients within the dtype's tolerance; every level's
+    gradient keeps the features' memory format."""
+    features = pyramid(2, 3, 64, 64, dtype=dtype)
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    rois, valid = padded_rois(2, 6, 2, 64, 64, 4, 64)
+    fn = lambda fs: multiscale_roi_align(fs, rois.to(dtype), 2, scales, 2, valid=valid, canonical_scale=16)
+    out, gs, grad = grads(fn, features)
+    out_cl, gs_cl, _ = grads(fn, [f.contiguous(memory_format=torch.channels_last) for f in features], grad)
+    torch.testing.assert_close(out_cl, out, **tol(dtype))
+    for g, g_cl in zip(gs, gs_cl, strict=True):
+        assert g.is_contiguous()
+        assert g_cl.is_contiguous(memory_format=torch.channels_last) and not g_cl.is_contiguous()
+        torch.testing.assert_close(g_cl, g, **tol(dtype))
+
+
 def test_five_levels(backend: str) -> None:
     """P2-P6: the deepest level has stride 64."""
     features = pyramid(1, 2, 128, 128, levels=5, dtype=torch.float64)
@@ -426,6 +443,14 @@ def test_gradcheck(backend: str, pool_mode: str, aligned: bool) -> None:
     assert [fpn_level(r, [0.5, 0.25], 16, 1) for r in rois.numpy()] == [0, 1]
     # fast_mode: the full Jacobian costs ~80 s per case in the interpreter; exact gradients are compared with the
     # loop reference in the other tests.
+    assert torch.autograd.gradcheck(fn, (f0, f1), fast_mode=True)
+
+
+def test_gradcheck_channels_last(backend: str) -> None:
+    f0, f1 = (torch.rand(1, 3, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+              for h, w in ((6, 7), (4, 5)))  # fmt: skip
+    fn = lambda a, b: multiscale_roi_align([a, b], GRADCHECK_ROIS, 2, [0.5, 0.25], 2, canonical_scale=16,
+                                           canonical_level=1)  # fmt: skip
     assert torch.autograd.gradcheck(fn, (f0, f1), fast_mode=True)
 
 

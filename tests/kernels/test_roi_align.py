@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from kernels import use_backend
 from kernels.roi_align import CANONICAL_LEVEL, CANONICAL_SCALE, RoIAlign, roi_align
-from tests.kernels.roi_align_tiles import bins_fast_tiles
+from tests.kernels.roi_align_tiles import small_bin_steps
 from tests.reference import (
     boxes_to_rois,
     roi_align_ref,
@@ -44,10 +44,10 @@ BACKENDS = ("triton", "torch")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@pytest.fixture(params=[*BACKENDS, "triton-bins-fast"])
+@pytest.fixture(params=[*BACKENDS, "triton-small-steps"])
 def backend(request: pytest.FixtureRequest):
-    tiles = bins_fast_tiles() if request.param == "triton-bins-fast" else contextlib.nullcontext()
-    with use_backend(request.param.removesuffix("-bins-fast")), tiles:
+    tiles = small_bin_steps() if request.param == "triton-small-steps" else contextlib.nullcontext()
+    with use_backend(request.param.removesuffix("-small-steps")), tiles:
         yield request.param
 
 
@@ -396,6 +396,23 @@ def test_layouts_match_contiguous(backend: str, pool_mode: str) -> None:
     assert torch.equal(out_r, out)
 
 
+@pytest.mark.parametrize("pool_mode", ["avg", "max"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_last_matches_nchw(backend: str, dtype: torch.dtype, pool_mode: str) -> None:
+    """Channels-last features give the NCHW values and gradients within the dtype's tolerance; the gradient
+    keeps the features' memory format."""
+    base = torch.randn(2, 5, 7, 9).to(dtype)
+    rois = random_rois(2, 4, 7, 9, dtype=dtype)
+    fn = lambda t: roi_align(t, rois, (3, 2), 1.0, 2, False, pool_mode=pool_mode)
+    out, gx, grad = forward_backward(fn, base)
+    out_cl, gx_cl, _ = forward_backward(fn, base.contiguous(memory_format=torch.channels_last), grad)
+    assert gx.is_contiguous()
+    assert gx_cl.is_contiguous(memory_format=torch.channels_last) and not gx_cl.is_contiguous()
+    assert out_cl.dtype == gx_cl.dtype == dtype
+    torch.testing.assert_close(out_cl, out, **tol(dtype))
+    torch.testing.assert_close(gx_cl, gx, **tol(dtype))
+
+
 def test_list_of_boxes(backend: str) -> None:
     x = torch.randn(3, 2, 8, 8)
     boxes = [random_rois(1, 3, 8, 8)[:, 1:], torch.zeros(0, 4), random_rois(1, 2, 8, 8)[:, 1:]]
@@ -523,6 +540,14 @@ def test_gradcheck(backend: str, pool_mode: str, aligned: bool) -> None:
     fn = lambda t: roi_align(t, rois, 2, 1.0, 2, aligned, pool_mode=pool_mode)
     # fast_mode: the full Jacobian costs ~30 s per case in the interpreter; exact gradients are compared with the
     # loop reference in the other tests.
+    assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("pool_mode", ["avg", "max"])
+def test_gradcheck_channels_last(backend: str, pool_mode: str) -> None:
+    x = torch.rand(1, 3, 6, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    rois = torch.tensor([[0, 0.7, 0.4, 5.1, 4.3], [0, -1.2, 2.2, 3.3, 7.4]], dtype=torch.float64)
+    fn = lambda t: roi_align(t, rois, 2, 1.0, 2, False, pool_mode=pool_mode)
     assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
 
 

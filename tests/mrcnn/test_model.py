@@ -191,6 +191,8 @@ def test_config_checks_every_field() -> None:
         (dict(trainable_backbone_layers=6), ValueError, r"trainable_backbone_layers must be in \[0, 5\]"),
         (dict(rpn_bg_iou_thresh=0.8), ValueError, r"rpn_bg_iou_thresh = 0.8 must be <= rpn_fg_iou_thresh = 0.7"),
         (dict(mask_size=14), ValueError, r"mask_size = 14 must be 2 \* mask_roi_size = 28"),
+        (dict(channels_last=True), TypeError, r"MaskRCNNConfig.channels_last must be a string"),
+        (dict(channels_last="yes"), ValueError, r"channels_last must be 'auto', 'on' or 'off', got 'yes'"),
     ]  # fmt: skip
     for fields, error, match in bad:
         with pytest.raises(error, match=match):
@@ -234,12 +236,13 @@ def test_zero_graph_breaks(training: bool) -> None:
     assert explanation.graph_count == 1
 
 
-def test_compiled_training_step_and_inference() -> None:
+@pytest.mark.parametrize("channels_last", ["off", "on"])
+def test_compiled_training_step_and_inference(channels_last: str) -> None:
     """``torch.compile(model, fullgraph=True)`` runs forward, backward and an optimizer step, then
-    inference, and matches eager. CI uses the ``aot_eager`` backend (the whole graph through dynamo and
-    AOTAutograd, minus inductor's C++ codegen, which takes minutes on 2 cores); the README gives the
-    inductor command we ran by hand."""
-    cfg = mrcnn.MaskRCNNConfig(**TINY)
+    inference, and matches eager, with NCHW and channels-last backbone and FPN. CI uses the ``aot_eager``
+    backend (the whole graph through dynamo and AOTAutograd, minus inductor's C++ codegen, which takes minutes
+    on 2 cores); the README gives the inductor command we ran by hand."""
+    cfg = mrcnn.MaskRCNNConfig(**TINY, channels_last=channels_last)
     torch.manual_seed(0)
     model = mrcnn.MaskRCNN(cfg)
     images, targets = _batch([(60, 80), (50, 75)])
@@ -291,9 +294,10 @@ def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
 
 
-@pytest.mark.parametrize("head", ["v1", "v2"])
-def test_inference_parity_with_torchvision(head: str) -> None:
-    """Same detections as torchvision's model at equal weights, on images of several sizes."""
+@pytest.mark.parametrize("head, channels_last", [("v1", "off"), ("v2", "off"), ("v1", "on")])
+def test_inference_parity_with_torchvision(head: str, channels_last: str) -> None:
+    """Same detections as torchvision's model at equal weights, on images of several sizes; also with our
+    backbone and FPN channels-last (torchvision's NCHW)."""
     gen = torch.Generator().manual_seed(3)
     sizes = dict(min_size=128, max_size=192, box_score_thresh=0.05)
     if head == "v1":
@@ -305,6 +309,7 @@ def test_inference_parity_with_torchvision(head: str) -> None:
     _perturb_heads(tv, gen)
     tv.eval()
     ours = mrcnn.from_torchvision(tv)
+    ours.config.channels_last = channels_last
     assert ours.config.head == head and not ours.training
     images, _ = _batch([(120, 160), (100, 150), (140, 110)], n=3, seed=5)
     with torch.no_grad():
@@ -323,8 +328,9 @@ def test_inference_parity_with_torchvision(head: str) -> None:
     assert checked >= 10
 
 
-def test_training_losses_match_torchvision() -> None:
-    """Same five losses as torchvision for the same proposals and targets.
+@pytest.mark.parametrize("channels_last", ["off", "on"])
+def test_training_losses_match_torchvision(channels_last: str) -> None:
+    """Same five losses as torchvision for the same proposals and targets (ours NCHW or channels-last).
 
     Both samplers draw at random; with room for every candidate (batch sizes above the counts,
     positive fraction 1) both take all of them, so the losses are comparable exactly.
@@ -340,6 +346,7 @@ def test_training_losses_match_torchvision() -> None:
     tv.train()
     ours = mrcnn.from_torchvision(tv)
     ours.config.max_gt_objects = 4
+    ours.config.channels_last = channels_last
     assert ours.config.box_batch_size_per_image == 512 and ours.training
     images, targets = _batch([(90, 120), (80, 110)], n=3, seed=2)
     # BatchNorm in train mode would update running stats twice; run both with frozen statistics.
@@ -387,11 +394,13 @@ def test_autocast_training_step(dtype: torch.dtype) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_training_step_through_triton_kernels() -> None:
-    """One small training step and inference with every op on its Triton kernels (the interpreter on
-    CPU), against the torch path."""
+@pytest.mark.parametrize("channels_last", ["off", "on"])
+def test_training_step_through_triton_kernels(channels_last: str) -> None:
+    """One small training step with every op on its Triton kernels (the interpreter on CPU), against the torch
+    path; channels-last, RoIAlign reads the FPN's NHWC features in place."""
     cfg = mrcnn.MaskRCNNConfig(**{**TINY, "box_batch_size_per_image": 8, "rpn_post_nms_top_n_train": 16,
-                                   "rpn_post_nms_top_n_test": 16, "detections_per_img": 4})  # fmt: skip
+                                   "rpn_post_nms_top_n_test": 16, "detections_per_img": 4,
+                                   "channels_last": channels_last})  # fmt: skip
     torch.manual_seed(0)
     model = mrcnn.MaskRCNN(cfg)
     images, targets = _batch([(60, 80)], n=1)
