@@ -28,7 +28,9 @@ whole pooler is one launch whose shapes never depend on the data).
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 
 import torch
 import triton
@@ -558,10 +560,16 @@ def _roi_align_bwd_tiles_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (``struct``'s C cast), without creating a tensor."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+@functools.lru_cache(maxsize=64)
 def _split_scale(scale: float) -> tuple[float, float]:
-    """``scale`` as float32 ``hi + lo`` (see ``_geometry``)."""
-    hi = float(torch.tensor(scale, dtype=torch.float32))
-    return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
+    """``scale`` as float32 ``hi + lo`` (see ``_geometry``), computed once per scale."""
+    hi = _float32(scale)
+    return hi, _float32(scale - hi)
 
 
 def _padded(values: list, fill: object) -> list:
