@@ -171,6 +171,26 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.pop()
 
 
+@contextlib.contextmanager
+def persistent_autotuning() -> Iterator[None]:
+    """Inside the block, ``triton.autotune`` decorates kernels whose results persist across processes.
+
+    Triton's ``cache_results`` (``Autotuner.check_disk_cache``): the best config of a tuning key is written to
+    Triton's cache folder (``TRITON_CACHE_DIR``, default ``~/.triton/cache``) under a hash of Triton's version,
+    the GPU target, the kernel's source (and what it calls), the cache-relevant environment, the key and the
+    configs, so that a new process skips the benchmarking of every key tuned before. ``triton.autotune`` reads
+    the ``TRITON_CACHE_AUTOTUNING`` knob when it decorates; the knob is set for the block only, so other code's
+    kernels keep their own choice. Where Triton lacks it (before 3.3), the block does nothing.
+    """
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or "cache_results" not in inspect.signature(triton.autotune).parameters:
+        yield
+        return
+    with knobs.autotuning.scope():
+        knobs.autotuning.cache = True
+        yield
+
+
 def autotune_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:
     """The configs to autotune over: all on a GPU, the first alone under the interpreter (one
     interpreted run of every config would multiply CI time for nothing)."""
