@@ -28,6 +28,7 @@ from .checkpoint import CheckpointError, atomic_save, rng_state, set_rng_state
 from .cli import Process, base_dataset, write_json, write_text
 from .config import MaskRCNNConfig
 from .evaluate import evaluate, format_metrics
+from .graphs import Captured, cuda_graphs_enabled
 from .step import (
     LOSS_NAMES,
     BadTargetError,
@@ -37,9 +38,8 @@ from .step import (
     StepLog,
     StepParts,
     TrainingCollate,
-    forward_backward,
+    run_step,
     to_device,
-    update,
 )
 from .transform import collate
 
@@ -121,6 +121,11 @@ class Schedule:
         return warm * 0.1 ** sum(s >= m for m in self.milestones)
 
 
+# Eager steps of a new input size before its CUDA graph is captured: the first launches (autotuning, lazy
+# initialisation of CUDA libraries) and the optimizer's state happen outside the graph.
+CAPTURE_WARMUP_STEPS = 2
+
+
 def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """``kind`` ``sgd`` (momentum 0.9) or ``adamw``; no weight decay on norm layers' and biases' parameters.
 
@@ -128,7 +133,8 @@ def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float)
     fused kernels take a ``found_inf`` flag (``mrcnn.step.NonFiniteGuard``) and a tensor learning rate: each
     group's ``lr`` is a float32 scalar on the parameters' device that the scheduler fills and the step reads.
     SGD's momentum buffers start as zeros (with no dampening ``0.9 * 0 + g`` is the first step's ``g``), so that a
-    skipped first step leaves no uninitialised buffer behind.
+    skipped first step leaves no uninitialised buffer behind. On CUDA, AdamW is ``capturable`` (its step count
+    stays on the device), so that a CUDA graph can hold the update.
     """
     decay, no_decay = [], []
     for _, p in model.named_parameters():
@@ -138,7 +144,7 @@ def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float)
     groups = [{"params": params, "weight_decay": wd, "lr": torch.tensor(lr, dtype=torch.float32, device=device)}
               for params, wd in ((decay, weight_decay), (no_decay, 0.0))]  # fmt: skip
     if kind == "adamw":
-        return torch.optim.AdamW(groups, fused=True)
+        return torch.optim.AdamW(groups, fused=True, capturable=device.type == "cuda")
     optimizer = torch.optim.SGD(groups, momentum=0.9, fused=True)
     for p in decay + no_decay:
         optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
@@ -277,6 +283,13 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.workers = args.workers if args.workers is not None else (4 if cuda else 1)
         self.log_every = args.log_every if args.log_every is not None else (20 if cuda else 1)
+        self.graphs = None
+        if cuda_graphs_enabled(args.cuda_graphs, self.device, what="the training step",
+                               distributed=process.distributed):  # fmt: skip
+            self.graphs = Captured(lambda inputs: run_step(self.parts, inputs), device=self.device,
+                                   what="the training step", warmup=CAPTURE_WARMUP_STEPS,
+                                   reset=self._forget_gradients, copy_outputs=True)  # fmt: skip
+            self.model.capture_inference()  # the evaluations
         # The model class may collate its own way (bench/train_compare.py's torchvision model keeps lists).
         collate_fn = TrainingCollate(self.config, getattr(type(self.model), "collate_batch", collate))
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_fn,
@@ -332,23 +345,37 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------------
 
-    def device_batches(self, loader: Iterator[Any]) -> Iterator[Any]:
-        """The loader's batches on the device; a batch the workers refused raises its ``BadTargetError`` here,
+    def host_batches(self, loader: Iterator[Any]) -> Iterator[Any]:
+        """The loader's batches (pinned on CUDA); a batch the workers refused raises its ``BadTargetError`` here,
         naming the step that was to use it."""
         for batch in loader:
             if isinstance(batch, RefusedBatch):
                 batch.raise_for(self.step + 1)
-            yield to_device(batch, self.device)
+            yield batch
+
+    def _forget_gradients(self) -> None:
+        """Before a CUDA graph's capture (and after a failed one): no gradient tensors, so that the graph's backward
+        allocates its own, and no loss-scaling state of a half-done step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler._per_optimizer_states.clear()
 
     def train_step(self, batches: Iterator[Any]) -> None:
         """One optimizer step over this step's micro-batches, queued on the device without reading anything
-        back; its row waits in ``step_log``."""
+        back (eagerly, or as a replay of its CUDA graph); its row waits in ``step_log``.
+
+        Eager steps seed the torch RNG before each micro-batch from ``(seed, step, shard)``. A captured step is
+        seeded once, from its first shard's seed, and its micro-batches draw one after the other: with
+        ``--accum-steps 1`` the same numbers, with more the sampling differs from an eager run's.
+        """
         args, rank = self.args, self.process.rank
-        self.model.train()
+        micro_batches = [next(batches) for _ in range(args.accum_steps)]
         seeds = [shard_seed(args.seed, self.step, rank * args.accum_steps + a) for a in range(args.accum_steps)]
-        self.parts.guard.begin()
-        loss_sums = forward_backward(self.parts, batches, seeds)
-        row = update(self.parts, loss_sums, args.accum_steps)
+        self.model.train()
+        if self.graphs is not None:
+            torch.manual_seed(seeds[0])
+            row = self.graphs(micro_batches)
+        else:
+            row = run_step(self.parts, [to_device(b, self.device) for b in micro_batches], seeds)
         self.scheduler.step()
         self.step += 1
         self.step_log.add(self.step, self.sampler.position(self.step - 1)["epoch"], row)
@@ -439,7 +466,7 @@ class Trainer:
 
                 bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         try:
-            batches = self.device_batches(iter(self.loader))
+            batches = self.host_batches(iter(self.loader))
             while self.step < end:
                 self.train_step(batches)
                 if bar is not None:

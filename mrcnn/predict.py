@@ -23,6 +23,7 @@ from PIL import Image
 from .checkpoint import CheckpointError, load_model
 from .cli import add_device_args, reexec_for_cpu, select_device, use_backend, write_json
 from .data import read_image, to_coco_results
+from .graphs import cuda_graphs_enabled
 from .visualize import draw_detections
 
 __all__ = ["main", "output_names", "read_image"]
@@ -63,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     device = select_device(args.device)
     model, info = load_model(args.checkpoint, device=device)
+    if cuda_graphs_enabled(args.cuda_graphs, device, what="inference"):
+        model.capture_inference()
     classes = info.get("classes")
     label_to_cat = info.get("label_to_cat") or {k: k for k in range(1, model.config.num_classes)}
     out = Path(args.out)

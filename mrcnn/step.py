@@ -12,7 +12,8 @@ and before a checkpoint or an evaluation. That read is where a non-finite step i
   weights, the optimizer state and the BatchNorm buffers as they were, through the fused optimizers'
   ``found_inf`` (as ``GradScaler`` skips a step) and a ``torch.where`` over the buffers.
 * ``StepLog``: the device rows, turned into log records by one host read.
-* ``run_step``: forward and backward over the micro-batches, clipping and the guarded update.
+* ``run_step``: forward and backward over the micro-batches, clipping and the guarded update; the function
+  ``mrcnn.graphs.Captured`` captures as one CUDA graph.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ from .config import MaskRCNNConfig
 from .transform import collate
 
 __all__ = [
-    "LOSS_NAMES", "BadTargetError", "NonFiniteError", "NonFiniteGuard", "RefusedBatch", "StepLog", "TrainingCollate",
-    "to_device",
+    "LOSS_NAMES", "BadTargetError", "NonFiniteError", "NonFiniteGuard", "RefusedBatch", "StepLog", "StepParts",
+    "TrainingCollate", "forward_backward", "run_step", "to_device", "update",
 ]  # fmt: skip
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -234,15 +235,15 @@ class StepParts:
     world_size: int
 
 
-def forward_backward(parts: StepParts, micro_batches: Iterator[Any], seeds: list[int]) -> Tensor:
+def forward_backward(parts: StepParts, micro_batches: list[Any], seeds: list[int] | None) -> Tensor:
     """Forward and backward over the step's micro-batches (inputs on the device), each after seeding the torch
-    RNG with its seed; gradients accumulate as the mean over micro-batches. Returns the five losses summed over
-    the micro-batches (float32 ``[5]``, detached)."""
+    RNG with its seed (``None``: the caller seeded once, as before a CUDA graph's replay); gradients accumulate
+    as the mean over micro-batches. Returns the five losses summed over the micro-batches (float32 ``[5]``)."""
     sums = None
-    n = len(seeds)
-    for a, seed in enumerate(seeds):
-        inputs = next(micro_batches)
-        torch.manual_seed(seed)
+    n = len(micro_batches)
+    for a, inputs in enumerate(micro_batches):
+        if seeds is not None:
+            torch.manual_seed(seeds[a])
         last = a == n - 1
         with parts.ddp.no_sync() if parts.ddp is not None and not last else contextlib.nullcontext():
             with _autocast(parts.amp, parts.guard.found.device):
@@ -251,6 +252,14 @@ def forward_backward(parts: StepParts, micro_batches: Iterator[Any], seeds: list
             parts.scaler.scale(stacked.sum() / n).backward()
         sums = stacked.detach() if sums is None else sums + stacked.detach()
     return sums
+
+
+def run_step(parts: StepParts, micro_batches: list[Any], seeds: list[int] | None = None) -> Tensor:
+    """The whole step on the device (what a CUDA graph captures): keep the buffers, forward and backward,
+    update. Returns the step's row (``ROW_FIELDS``)."""
+    parts.guard.begin()
+    loss_sums = forward_backward(parts, micro_batches, seeds)
+    return update(parts, loss_sums, len(micro_batches))
 
 
 def update(parts: StepParts, loss_sums: Tensor, micro_batches: int) -> Tensor:
