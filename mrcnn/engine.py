@@ -357,7 +357,8 @@ class Trainer:
         """Before a CUDA graph's capture (and after a failed one): no gradient tensors, so that the graph's backward
         allocates its own, and no loss-scaling state of a half-done step."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler._per_optimizer_states.clear()
+        if self.scaler.is_enabled():
+            self.scaler._per_optimizer_states.clear()
 
     def train_step(self, batches: Iterator[Any]) -> None:
         """One optimizer step over this step's micro-batches, queued on the device without reading anything

@@ -69,8 +69,9 @@ def copy_into(static: Any, inputs: Any) -> None:
 
 
 def _on_device(inputs: Any, device: torch.device) -> Any:
-    """A fresh copy of ``inputs`` on ``device`` (the static inputs of a graph: allocated outside it)."""
-    return pytree.tree_map_only(Tensor, lambda t: t.to(device, copy=True), inputs)
+    """A fresh copy of ``inputs`` on ``device`` (the static inputs of a graph: allocated outside it), queued
+    without waiting (the DataLoader pins batches on CUDA)."""
+    return pytree.tree_map_only(Tensor, lambda t: t.to(device, non_blocking=True, copy=True), inputs)
 
 
 class CudaGraph:
