@@ -283,13 +283,6 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.workers = args.workers if args.workers is not None else (4 if cuda else 1)
         self.log_every = args.log_every if args.log_every is not None else (20 if cuda else 1)
-        self.graphs = None
-        if cuda_graphs_enabled(args.cuda_graphs, self.device, what="the training step",
-                               distributed=process.distributed):  # fmt: skip
-            self.graphs = Captured(lambda inputs: run_step(self.parts, inputs), device=self.device,
-                                   what="the training step", warmup=CAPTURE_WARMUP_STEPS,
-                                   reset=self._forget_gradients, copy_outputs=True)  # fmt: skip
-            self.model.capture_inference()  # the evaluations
         # The model class may collate its own way (bench/train_compare.py's torchvision model keeps lists).
         collate_fn = TrainingCollate(self.config, getattr(type(self.model), "collate_batch", collate))
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_fn,
@@ -300,8 +293,20 @@ class Trainer:
             params=[p for p in self.model.parameters() if p.requires_grad], amp=args.amp,
             clip_grad=args.clip_grad, distributed=process.distributed, world_size=process.world_size,
         )  # fmt: skip
+        self.graphs = self._captured_step()
         self.step_log = StepLog(global_batch=self.sampler.global_batch, skip_nonfinite=args.skip_nonfinite,
                                 checkpoint=self.out / "checkpoint.pt", t_start=self.t_start)  # fmt: skip
+
+    def _captured_step(self) -> Captured | None:
+        """``run_step`` replayed from CUDA graphs when ``--cuda-graphs`` says so, and the evaluations' forward
+        too (``MaskRCNN.capture_inference``); else None."""
+        capture_inference = getattr(self.model, "capture_inference", None)
+        if not cuda_graphs_enabled(self.args.cuda_graphs, self.device, what="the training step",
+                                   distributed=self.process.distributed, static_model=capture_inference is not None):
+            return None  # fmt: skip
+        capture_inference()
+        return Captured(lambda inputs: run_step(self.parts, inputs), device=self.device, what="the training step",
+                        warmup=CAPTURE_WARMUP_STEPS, reset=self._forget_gradients, copy_outputs=True)  # fmt: skip
 
     def _restore(self, ckpt: dict[str, Any], path: Path | None) -> None:
         """The state of the checkpoint's step: weights, optimizer, scheduler, scaler, RNGs, and the log records

@@ -34,10 +34,11 @@ from torch.utils import _pytree as pytree
 __all__ = ["Captured", "copy_into", "cuda_graphs_enabled", "signature"]
 
 
-def cuda_graphs_enabled(option: str, device: torch.device, *, what: str, distributed: bool = False) -> bool:
+def cuda_graphs_enabled(option: str, device: torch.device, *, what: str, distributed: bool = False,
+                        static_model: bool = True) -> bool:  # fmt: skip
     """``--cuda-graphs auto|on|off`` for ``what`` ("the training step", "inference"): auto is on with CUDA. Where
-    it cannot be on (no CUDA device; DDP, whose gradient all-reduce is not captured here) an explicit ``on``
-    says so in one line, and the run goes on eagerly."""
+    it cannot be on (no CUDA device; DDP, whose gradient all-reduce is not captured here; a model without a
+    static forward, such as torchvision's) an explicit ``on`` says so in one line, and the run goes on eagerly."""
     if option == "off" or (option == "auto" and device.type != "cuda"):
         return False
     reason = None
@@ -45,6 +46,8 @@ def cuda_graphs_enabled(option: str, device: torch.device, *, what: str, distrib
         reason = f"{device} is not a CUDA device"
     elif distributed:
         reason = "DistributedDataParallel's gradient all-reduce is not captured"
+    elif not static_model:
+        reason = "the model has no static-shape forward to capture"
     if reason is None:
         return True
     if option == "on":

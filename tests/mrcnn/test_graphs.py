@@ -29,9 +29,11 @@ def test_the_option_is_on_with_cuda_and_says_why_when_it_cannot_be(capsys: pytes
     assert capsys.readouterr().err == ""  # auto and off choose silently
     assert not cuda_graphs_enabled("on", cpu, what="the training step")
     assert not cuda_graphs_enabled("on", cuda, what="the training step", distributed=True)
+    assert not cuda_graphs_enabled("on", cuda, what="the training step", static_model=False)
     assert capsys.readouterr().err.splitlines() == [
         "--cuda-graphs: the training step runs eager: cpu is not a CUDA device",
         "--cuda-graphs: the training step runs eager: DistributedDataParallel's gradient all-reduce is not captured",
+        "--cuda-graphs: the training step runs eager: the model has no static-shape forward to capture",
     ]
 
 
@@ -106,6 +108,15 @@ def test_a_failed_capture_says_why_in_one_line_and_runs_eager(capsys: pytest.Cap
         "capturing); running eager"
     ]
     assert len(reset_calls) == 2 and run.failed and not run.entries  # reset before the capture and after it failed
+
+
+def test_training_with_cuda_graphs_on_a_cpu_says_so_and_trains(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.mrcnn.test_train import TINY as TRAIN_TINY
+
+    torch.set_num_threads(1)
+    train.main([*TRAIN_TINY, "--iters", "1", "--no-eval", "--cuda-graphs", "on", "--out", str(tmp_path)])
+    assert "--cuda-graphs: the training step runs eager: cpu is not a CUDA device" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1]
 
 
 # -- on a GPU --------------------------------------------------------------------------------------------------
