@@ -45,7 +45,7 @@ from .transform import collate
 
 __all__ = [
     "LOSS_NAMES", "BadTargetError", "NonFiniteError", "Schedule", "ShardSampler", "Trainer", "TrainingSetup",
-    "build_optimizer", "lr_on_device", "plot_losses", "read_log", "shard_seed",
+    "build_optimizer", "plot_losses", "read_log", "shard_seed",
 ]  # fmt: skip
 
 # ----------------------------------------------------------------------------------------------
@@ -151,10 +151,14 @@ def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float)
     return optimizer
 
 
-def lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Each group's ``lr`` and ``initial_lr`` back to float32 scalars on ``device`` after
-    ``optimizer.load_state_dict`` (which keeps the checkpoint's values: tensors on the CPU, or floats)."""
+def restore_optimizer_settings(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """``build_optimizer``'s settings again after ``optimizer.load_state_dict``, which keeps the checkpoint's
+    groups: the fused kernels (AdamW capturable on CUDA), and each group's ``lr`` and ``initial_lr`` as float32
+    scalars on ``device`` (a checkpoint holds them on the CPU, or as floats where an older version wrote it)."""
     for group in optimizer.param_groups:
+        group["fused"] = True
+        if isinstance(optimizer, torch.optim.AdamW):
+            group["capturable"] = device.type == "cuda"
         for key in ("lr", "initial_lr"):
             if key in group:
                 group[key] = torch.as_tensor(group[key], dtype=torch.float32).to(device)
@@ -319,7 +323,7 @@ class Trainer:
             set_rng_state(ckpt["rng"])
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot restore the training state: {type(e).__name__}: {e}") from e
-        lr_on_device(self.optimizer, self.device)
+        restore_optimizer_settings(self.optimizer, self.device)
         self.scheduler.base_lrs = [torch.as_tensor(b, dtype=torch.float32).to(self.device)
                                    for b in self.scheduler.base_lrs]  # fmt: skip
         # The schedule's shape follows this command line (so that --iters can extend a run), not the file.
