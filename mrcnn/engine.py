@@ -164,6 +164,16 @@ def restore_optimizer_settings(optimizer: torch.optim.Optimizer, device: torch.d
                 group[key] = torch.as_tensor(group[key], dtype=torch.float32).to(device)
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux's ``/proc/self/stat``; None elsewhere): a run's cold start,
+    the interpreter's start and imports included."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def _params_digest(model: nn.Module) -> str:
     """SHA-256 of every parameter's and buffer's bytes: equal on all DDP ranks when they are in sync."""
     h = hashlib.sha256()
@@ -475,12 +485,16 @@ class Trainer:
                 from tqdm import tqdm
 
                 bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        first_step_s = None
         try:
             batches = self.host_batches(iter(self.loader))
             while self.step < end:
                 self.train_step(batches)
                 if bar is not None:
                     bar.update(1)
+                if first_step_s is None:  # the cold start: read (the step has finished), then the clock
+                    self.step_log.read(lambda records: self._write_records(records, log_file, bar))
+                    first_step_s = process_age()
                 evaluate_now = not args.no_eval and (
                     (args.eval_every and self.step % args.eval_every == 0) or self.step == args.iters
                 )
@@ -503,6 +517,8 @@ class Trainer:
             self.check_replicas()
         wall = time.perf_counter() - self.t_start
         if is_main:
-            print(f"done: {self.step} steps, {wall:.0f} s -> {self.out}", flush=True)
+            cold = f" (first step done {first_step_s:.1f} s after the process started)" if first_step_s else ""
+            print(f"done: {self.step} steps, {wall:.0f} s{cold} -> {self.out}", flush=True)
         metrics = self.history[-1] if self.history and is_main else None
-        return {"out": str(self.out), "step": self.step, "metrics": metrics, "wall_time": wall}
+        return {"out": str(self.out), "step": self.step, "metrics": metrics, "wall_time": wall,
+                "first_step_s": first_step_s}  # fmt: skip

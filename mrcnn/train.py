@@ -323,8 +323,9 @@ def prepare(args: argparse.Namespace, process: Process,
 def main(
     argv: Sequence[str] | None = None, *, build_model: Callable[[MaskRCNNConfig], nn.Module] = MaskRCNN
 ) -> dict[str, Any]:
-    """Train as the command line ``argv`` says; returns ``{"out", "step", "metrics", "wall_time"}`` (rank 0's
-    metrics of the last evaluation, ``None`` elsewhere).
+    """Train as the command line ``argv`` says; returns ``{"out", "step", "metrics", "wall_time", "first_step_s"}``
+    (rank 0's metrics of the last evaluation, ``None`` elsewhere; the seconds from the process's start to the end
+    of its first step, ``None`` where ``/proc`` is missing).
 
     ``build_model(config)`` makes the model (``bench/train_compare.py`` passes torchvision's): a module with
     ``config``, ``forward(*batch)`` returning the five losses in training mode for a ``batch`` of
