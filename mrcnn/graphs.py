@@ -38,7 +38,8 @@ def cuda_graphs_enabled(option: str, device: torch.device, *, what: str, distrib
                         static_model: bool = True) -> bool:  # fmt: skip
     """``--cuda-graphs auto|on|off`` for ``what`` ("the training step", "inference"): auto is on with CUDA. Where
     it cannot be on (no CUDA device; DDP, whose gradient all-reduce is not captured here; a model without a
-    static forward, such as torchvision's) an explicit ``on`` says so in one line, and the run goes on eagerly."""
+    static forward, such as torchvision's) it says so in one line, unless it was ``auto`` without CUDA, and the
+    run goes on eagerly."""
     if option == "off" or (option == "auto" and device.type != "cuda"):
         return False
     reason = None
@@ -50,8 +51,8 @@ def cuda_graphs_enabled(option: str, device: torch.device, *, what: str, distrib
         reason = "the model has no static-shape forward to capture"
     if reason is None:
         return True
-    if option == "on":
-        print(f"--cuda-graphs: {what} runs eager: {reason}", file=sys.stderr, flush=True)
+    # Here the option is "on", or "auto" with CUDA: either way the user expects graphs.
+    print(f"--cuda-graphs: {what} runs eager: {reason}", file=sys.stderr, flush=True)
     return False
 
 
