@@ -95,7 +95,9 @@ class CudaGraph:
 
     def capture(self, fn: Callable[[Any], Any], static_inputs: Any) -> tuple[Callable[[], None], Any]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the DataLoader's pin-memory thread allocates pinned memory meanwhile, which the default
+        # ("global") mode forbids to every thread of the process during a capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn(static_inputs)
         return graph.replay, out
 
