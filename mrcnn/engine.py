@@ -262,8 +262,9 @@ class Trainer:
     when resuming); ``run_training()`` trains to the end (or ``--stop-at``). ``args`` are the options of
     ``mrcnn.train``, read and never modified.
 
-    The steps themselves are ``mrcnn.step``'s; the trainer feeds them the device batches, reads their rows every
-    ``--log-every`` steps (and before a checkpoint, an evaluation or the end) and writes what it read.
+    The steps themselves are ``mrcnn.step``'s (eager, or replayed from CUDA graphs: ``mrcnn.graphs``); the trainer
+    feeds them the workers' batches, reads their rows every ``--log-every`` steps (and after the first step,
+    before a checkpoint, an evaluation or the end) and writes what it read.
     """
 
     def __init__(self, args: argparse.Namespace, process: Process, setup: TrainingSetup) -> None:
