@@ -4,18 +4,23 @@
 Providers:
 * ``torchvision``: ``maskrcnn_resnet50_fpn`` eager; ``torchvision_compile``: the same under ``torch.compile``
   (default mode; its graph breaks stay).
-* ``ours``: ``mrcnn.MaskRCNN`` eager; ``ours_compile``: ``torch.compile(fullgraph=True)``;
-  ``ours_cudagraphs``: ``torch.compile(fullgraph=True, mode="reduce-overhead")`` (CUDA graphs).
+* ``ours``: ``mrcnn.MaskRCNN`` eager; ``ours_captured``: the same step or forward captured as one CUDA graph
+  and replayed (``mrcnn.graphs.Captured``, what ``mrcnn.train`` and ``predict`` do on CUDA; each call copies
+  its inputs into the graph's); ``ours_compile``: ``torch.compile(fullgraph=True)``; ``ours_cudagraphs``:
+  ``torch.compile(fullgraph=True, mode="reduce-overhead")`` (inductor's CUDA graphs).
 
-CUDA: batch 2 at 800 x 1333 (COCO), ResNet-50, 91 classes. CPU: batch 2 at 128 x 192, ResNet-18, eager
-providers only (inductor's compile of the model takes minutes on a small CPU).
-``extra_info["images"]`` gives images per call, so images/s = images / time.
+Each in fp32 and, on CUDA, under bf16 autocast (both models alike). CUDA: batch 2 at 800 x 1333 (COCO),
+ResNet-50, 91 classes. CPU: batch 2 at 128 x 192, ResNet-18, eager fp32 providers only (inductor's compile of
+the model takes minutes on a small CPU; CUDA graphs need CUDA). ``extra_info["images"]`` gives images per call,
+so images/s = images / time; ``extra_info["setup_s"]`` the seconds from building the model to the end of its
+first call (weights, compile, autotuning, capture: the cold start after imports).
 
 Run: ``python -m pytest bench/test_model.py`` (``--benchmark-disable`` for a smoke run).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -26,13 +31,15 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 
 import mrcnn
 from bench import coco_shapes
+from mrcnn.graphs import Captured
 
 CUDA = torch.cuda.is_available()
 COCO = coco_shapes()  # the COCO size and ResNet-50 (BENCH_SHAPES=coco forces them on a CPU)
-# Compiled providers on CUDA only: inductor's compile of the model takes minutes on a small CPU.
+# Captured and compiled providers on CUDA only: inductor's compile of the model takes minutes on a small CPU.
 EAGER = ("torchvision", "ours")
-PROVIDERS = (*EAGER, "torchvision_compile", "ours_compile", "ours_cudagraphs") if CUDA else EAGER
+PROVIDERS = (*EAGER, "ours_captured", "torchvision_compile", "ours_compile", "ours_cudagraphs") if CUDA else EAGER
 MODES = ("infer", "train")  # inference first: the first H200 run measured training only (time share)
+AMP = ("fp32", "bf16") if CUDA else ("fp32",)
 
 
 def _images(device: str, size: tuple[int, int], gen: torch.Generator) -> tuple[list[torch.Tensor], list[dict]]:
@@ -54,8 +61,10 @@ def _images(device: str, size: tuple[int, int], gen: torch.Generator) -> tuple[l
     return images, targets
 
 
-def setup_model(provider: str, mode: str) -> tuple[Callable[[], object], int]:
-    """A callable running one training step or one inference of batch 2, and the images per call."""
+def setup_model(provider: str, mode: str, amp: str = "fp32") -> tuple[Callable[[], object], int, float]:
+    """A callable running one training step or one inference of batch 2, the images per call, and the seconds
+    from building the model to the end of its first call."""
+    t0 = time.perf_counter()
     device = "cuda" if CUDA else "cpu"
     size = (800, 1333) if COCO else (128, 192)
     gen = torch.Generator().manual_seed(0)
@@ -70,53 +79,55 @@ def setup_model(provider: str, mode: str) -> tuple[Callable[[], object], int]:
         tv = MaskRCNN(_resnet_fpn_extractor(resnet18(), 3), num_classes=91, **kw)
     tv = tv.to(device)
     images, targets = _images(device, size, gen)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=amp == "bf16")
     if provider.startswith("torchvision"):
         model = tv
         run_model = torch.compile(tv) if provider == "torchvision_compile" else tv
-
-        def train_step():
-            losses = run_model(images, targets)
-            sum(losses.values()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        def infer():
-            with torch.no_grad():
-                return run_model(images)
+        train_inputs, infer_inputs = (images, targets), (images,)
     else:
         model = mrcnn.from_torchvision(tv)
-        batch_train = model.collate(images, targets)
-        batch_infer = batch_train[:2]
+        train_inputs = model.collate(images, targets)
+        infer_inputs = train_inputs[:2]
         options = {"ours_compile": {}, "ours_cudagraphs": {"mode": "reduce-overhead"}}
         run_model = torch.compile(model, fullgraph=True, **options[provider]) if provider in options else model
 
-        def train_step():
-            losses = run_model(*batch_train)
-            sum(losses.values()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def train_step(inputs: tuple) -> None:
+        with autocast:
+            losses = run_model(*inputs)
+        sum(losses.values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-        def infer():
-            with torch.no_grad():
-                return run_model(*batch_infer)
+    @torch.no_grad()
+    def infer(inputs: tuple) -> object:
+        with autocast:
+            return run_model(*inputs)
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train(mode == "train")
-    fn = train_step if mode == "train" else infer
+    fn, inputs = (train_step, train_inputs) if mode == "train" else (infer, infer_inputs)
+    if provider == "ours_captured":
+        # Two eager calls, the capture, then every call a replay (the first timed round).
+        fn = Captured(fn, device=torch.device(device), what=f"the {mode} benchmark", warmup=2,
+                      reset=lambda: optimizer.zero_grad(set_to_none=True))  # fmt: skip
+        for _ in range(3):
+            fn(inputs)
 
     def synced():
-        fn()
+        fn(inputs)
         if CUDA:
             torch.cuda.synchronize()
 
     synced()  # warm-up: compilation, autotuning, CUDA graph capture
-    return synced, 2
+    return synced, 2, time.perf_counter() - t0
 
 
+@pytest.mark.parametrize("amp", AMP)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_model(benchmark, provider: str, mode: str) -> None:
-    fn, images = setup_model(provider, mode)
-    benchmark.extra_info.update(op="mask_rcnn", mode=mode, provider=provider, images=images,
-                                shape="2x800x1333" if COCO else "2x128x192", dtype="float32")  # fmt: skip
+def test_model(benchmark, provider: str, mode: str, amp: str) -> None:
+    fn, images, setup_s = setup_model(provider, mode, amp)
+    benchmark.extra_info.update(op="mask_rcnn", mode=mode, provider=provider, images=images, setup_s=setup_s,
+                                shape="2x800x1333" if COCO else "2x128x192",
+                                dtype="float32" if amp == "fp32" else "bf16 autocast")  # fmt: skip
     benchmark.pedantic(fn, rounds=5 if CUDA else 2, iterations=1, warmup_rounds=1 if CUDA else 0)

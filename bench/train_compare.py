@@ -45,9 +45,16 @@ QUICK = [
 ]  # fmt: skip
 
 
+def _as_lists(images: list[Tensor], targets: list[dict], config: MaskRCNNConfig) -> tuple:
+    """torchvision's model resizes and pads itself: its training batch stays two lists."""
+    return images, None, targets
+
+
 class TorchvisionMaskRCNN(TorchvisionMaskRCNNBase):
     """torchvision's Mask R-CNN built from a ``MaskRCNNConfig`` (v1 heads), with the interface that
-    ``mrcnn.train`` drives: ``collate``, ``forward(images, image_sizes, targets)`` and ``predict``."""
+    ``mrcnn.train`` drives: ``collate_batch``, ``forward(images, image_sizes, targets)`` and ``predict``."""
+
+    collate_batch = staticmethod(_as_lists)
 
     def __init__(self, config: MaskRCNNConfig) -> None:
         if config.head != "v1":
@@ -78,13 +85,6 @@ class TorchvisionMaskRCNN(TorchvisionMaskRCNNBase):
         self.config = config
         # The same initial weights as ours: build ours from the same RNG state and copy them.
         self.load_state_dict(MaskRCNN(config).state_dict(), strict=True)
-
-    def collate(self, images: list[Tensor], targets: list[dict] | None = None) -> tuple:
-        device = next(self.parameters()).device
-        images = [im.to(device) for im in images]
-        if targets is not None:
-            targets = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
-        return images, None, targets
 
     def forward(self, images, image_sizes=None, targets=None):  # noqa: ANN001 (torchvision's types)
         return super().forward(images, targets)

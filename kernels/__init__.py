@@ -8,12 +8,17 @@ the compiled graph launches the Triton kernels itself (``_backend.TritonCustomOp
 """
 
 from ._backend import backend_for, cpu_decompositions, use_backend
-from .box_coder import BBOX_XFORM_CLIP, BoxCoder, decode_boxes, encode_boxes
-from .mask_loss import mask_loss, maskrcnn_loss
-from .nms import batched_nms, nms, nms_fixed
-from .paste_masks import paste_masks_in_image
-from .patch import patch_torchvision
-from .roi_align import MultiScaleRoIAlign, RoIAlign, infer_scales, multiscale_roi_align, roi_align
+from ._triton_utils import persistent_autotuning
+
+# Autotuning results persist across processes (Triton's on-disk cache): the op modules decorate their kernels
+# inside this block, and only those kernels get it.
+with persistent_autotuning():
+    from .box_coder import BBOX_XFORM_CLIP, BoxCoder, decode_boxes, encode_boxes
+    from .mask_loss import mask_loss, maskrcnn_loss
+    from .nms import batched_nms, nms, nms_fixed
+    from .paste_masks import paste_masks_in_image
+    from .patch import patch_torchvision
+    from .roi_align import MultiScaleRoIAlign, RoIAlign, infer_scales, multiscale_roi_align, roi_align
 
 __all__ = [
     "backend_for",

@@ -10,6 +10,8 @@ The padding is never materialised: a padded index outside the mask reads as 0 th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -186,6 +188,13 @@ def _paste_masks_fwd_kernel(
     tl.store(out_ptr + out_offs, val, mask=out_mask)
 
 
+@functools.lru_cache(maxsize=64)
+def _rounded(threshold: float, dtype: torch.dtype) -> float:
+    """``threshold`` rounded to ``dtype``, as torch rounds a Python scalar it compares with a tensor; computed
+    once per pair rather than with a tensor per call."""
+    return torch.tensor(threshold, dtype=dtype).item()
+
+
 def forward_triton(
     masks: torch.Tensor,
     boxes: torch.Tensor,
@@ -211,8 +220,7 @@ def forward_triton(
     # Triton has no bool stores into torch.bool memory to rely on; the same bytes as uint8 do.
     out_k = out if threshold is None else out.view(torch.uint8)
     valid_k = boxes if valid is None else valid.view(torch.uint8)
-    # torch compares a tensor with a Python scalar after rounding the scalar to the tensor's dtype.
-    rounded_threshold = 0.0 if threshold is None else torch.tensor(threshold, dtype=masks.dtype, device="cpu").item()
+    rounded_threshold = 0.0 if threshold is None else _rounded(threshold, masks.dtype)
     wrap_triton(_paste_masks_fwd_kernel)[(num_masks * num_tiles_per_mask,)](
         out_k, masks, boxes, valid_k,
         num_tiles_per_mask, num_tiles_w, image_height, image_width, mask_h, mask_w, padding,

@@ -58,6 +58,9 @@ gather: the whole pooler is one launch whose shapes never depend on the data).
 
 from __future__ import annotations
 
+import functools
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -536,10 +539,16 @@ def _roi_align_bwd_tiles_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (``struct``'s C cast), without creating a tensor."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+@functools.lru_cache(maxsize=64)
 def _split_scale(scale: float) -> tuple[float, float]:
-    """``scale`` as float32 ``hi + lo`` (see ``roi_geometry``)."""
-    hi = float(torch.tensor(scale, dtype=torch.float32))
-    return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
+    """``scale`` as float32 ``hi + lo`` (see ``roi_geometry``), computed once per scale."""
+    hi = _float32(scale)
+    return hi, _float32(scale - hi)
 
 
 def channels_fast(t: torch.Tensor) -> torch.Tensor:

@@ -9,17 +9,22 @@ interpreter (CPU tests) converts float32 -> bfloat16 by truncation instead of ro
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import is_wrap_triton_enabled
 from triton.language.extra.cuda import libdevice
+from triton.runtime.autotuner import Autotuner
 
 __all__ = [
-    "INTERPRET", "autotune_configs", "cast_rn", "ieee_div", "loop_bound", "mul_rn", "offset64", "round_to",
-    "tl_acc_dtype", "wrap_triton",
+    "INTERPRET", "TunedLauncher", "autotune_configs", "cast_rn", "ieee_div", "loop_bound", "mul_rn", "offset64",
+    "persistent_autotuning", "round_to", "tl_acc_dtype", "wrap_triton",
 ]  # fmt: skip
 
 # Read once, at import: ``triton.jit`` decides at decoration time whether a kernel is compiled or interpreted.
@@ -32,6 +37,26 @@ def autotune_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:
     return list(configs[:1]) if INTERPRET else list(configs)
 
 
+@contextlib.contextmanager
+def persistent_autotuning() -> Iterator[None]:
+    """Inside the block, ``triton.autotune`` decorates kernels whose results persist across processes.
+
+    Triton's ``cache_results`` (``Autotuner.check_disk_cache``): the best config of a tuning key is written to
+    Triton's cache folder (``TRITON_CACHE_DIR``, default ``~/.triton/cache``) under a hash of Triton's version,
+    the GPU target, the kernel's source (and what it calls), the cache-relevant environment, the key and the
+    configs, so that a new process skips the benchmarking of every key tuned before. ``triton.autotune`` reads
+    the ``TRITON_CACHE_AUTOTUNING`` knob when it decorates; the knob is set for the block only, so other code's
+    kernels keep their own choice. Where Triton lacks it (before 3.3), the block does nothing.
+    """
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or "cache_results" not in inspect.signature(triton.autotune).parameters:
+        yield
+        return
+    with knobs.autotuning.scope():
+        knobs.autotuning.cache = True
+        yield
+
+
 def tl_acc_dtype(dtype: torch.dtype) -> tl.dtype:
     """Triton's accumulation dtype for ``dtype`` (``_contract.acc_dtype``): float64 for float64, else float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -40,12 +65,61 @@ def tl_acc_dtype(dtype: torch.dtype) -> tl.dtype:
 def wrap_triton(kernel: object) -> object:
     """``torch.library.wrap_triton(kernel)``: every launch goes through it, so that a graph traced over CUDA tensors
     records the launch (inductor then launches the kernel from its generated code; ``kernels._backend.
-    TritonCustomOp``). In eager calls of our ops it is the kernel itself.
+    TritonCustomOp``). In eager calls of our ops it is the kernel itself, and an autotuned kernel launches its
+    tuned config directly after the first call for a key (``TunedLauncher``).
 
     Under the interpreter the kernel is returned as it is: torch 2.11's ``wrap_triton`` refuses an interpreted
     kernel (later versions pass it through), and interpreted kernels only ever run eagerly.
     """
-    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+    if INTERPRET:
+        return kernel
+    if isinstance(kernel, Autotuner):
+        return _tuned_launcher(kernel)
+    return torch.library.wrap_triton(kernel)
+
+
+class TunedLauncher:
+    """An autotuned kernel, launched eagerly without the autotuner's dispatch once a key is tuned.
+
+    ``Autotuner.run`` rebuilds its key on every call from a dict of all ~70 arguments, filtered by membership in
+    a list of the ~70 argument names (quadratic): 330 us a call of RoIAlign's forward on this busy 2-core CPU,
+    with the launch itself stubbed out. Here the key is the key arguments' values, the tensors' dtypes and the
+    constexpr keywords, read by position; the first call of a key goes through ``Autotuner.run`` (which tunes,
+    or reads the tuned config from its caches) and records ``best_config``; later calls launch the
+    ``JITFunction`` with that config. While a graph is traced (``wrap_triton`` enabled) ``[grid]`` is
+    ``torch.library.wrap_triton``'s, so inductor sees the autotuner as before.
+    """
+
+    def __init__(self, kernel: Autotuner) -> None:
+        self.kernel = kernel
+        position = {name: i for i, name in enumerate(kernel.arg_names)}
+        self.key_args = [(name, position[name]) for name in kernel.keys]
+        self.tuned: dict[tuple, dict[str, object]] = {}  # key -> the tuned config's keyword arguments
+
+    def __getitem__(self, grid: object) -> object:
+        if is_wrap_triton_enabled():
+            return torch.library.wrap_triton(self.kernel)[grid]
+        return functools.partial(self.launch, grid)
+
+    def launch(self, grid: object, *args: object, **kwargs: object) -> None:
+        key = (
+            tuple(args[i] if i < len(args) else kwargs[name] for name, i in self.key_args),
+            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
+            tuple(kwargs.items()),
+        )
+        config = self.tuned.get(key)
+        if config is None:
+            self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
+            if self.kernel.best_config.pre_hook is None:
+                self.tuned[key] = self.kernel.best_config.all_kwargs()
+            return
+        self.kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **config)
+
+
+@functools.cache
+def _tuned_launcher(kernel: Autotuner) -> TunedLauncher:
+    """One ``TunedLauncher`` per kernel, so that its tuned keys outlive a call."""
+    return TunedLauncher(kernel)
 
 
 if INTERPRET:

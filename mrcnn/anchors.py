@@ -9,17 +9,16 @@ from torch import Tensor
 def cell_anchors(size: int, aspect_ratios: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """``Tensor[A, 4]`` zero-centred anchors of one level, rounded as torchvision's ``generate_anchors``.
 
-    Computed on the CPU (a handful of IEEE-exact operations, the same values on any device) and moved: a tensor
-    built from Python numbers directly on a CUDA device cannot be traced over fake CUDA tensors without a GPU
-    (``tests/kernels/fake_cuda_graphs.py``).
+    Built on ``device`` from fills: a tensor made from a Python list would be copied from the host, a copy that
+    a CUDA graph cannot capture and that fake CUDA tensors cannot trace without a GPU
+    (``tests/kernels/fake_cuda_graphs.py``). Square root, reciprocal, products and rounding are correctly
+    rounded on the CPU and on CUDA alike, so every device gets the same values.
     """
-    scales = torch.as_tensor([size], dtype=dtype)
-    ratios = torch.as_tensor(aspect_ratios, dtype=dtype)
+    ratios = torch.stack([torch.full((), r, dtype=dtype, device=device) for r in aspect_ratios])
     h_ratios = torch.sqrt(ratios)
     w_ratios = 1 / h_ratios
-    ws = (w_ratios[:, None] * scales[None, :]).view(-1)
-    hs = (h_ratios[:, None] * scales[None, :]).view(-1)
-    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round().to(device)
+    ws, hs = w_ratios * size, h_ratios * size
+    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
 
 
 def grid_anchors(

@@ -127,10 +127,13 @@ def device_name(text: str) -> str:
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
-    """``--device`` and ``--backend``."""
+    """``--device``, ``--backend`` and ``--cuda-graphs``."""
     parser.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                         help="kernels' implementation: auto = Triton on CUDA, torch on CPU")  # fmt: skip
+    parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                        help="replay CUDA graphs of the training step and of inference, one per padded input size "
+                        "(auto: on with CUDA; mrcnn.graphs)")  # fmt: skip
 
 
 def select_device(name: str | None) -> torch.device:

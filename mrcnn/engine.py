@@ -1,19 +1,18 @@
 """The training engine behind ``python -m mrcnn.train``: the data order (``ShardSampler``, ``shard_seed``), the
-learning-rate ``Schedule``, the optimizer, and the ``Trainer`` that runs the steps, evaluates and writes the
-outputs. ``mrcnn.train``'s docstring describes what it guarantees (bit-exact resume, DDP = accumulation,
-the non-finite policy); ``mrcnn.train`` turns the command line into a ``TrainingSetup`` for it.
+learning-rate ``Schedule``, the optimizer, and the ``Trainer`` that runs the steps (``mrcnn.step``), reads their
+results every ``--log-every`` steps, evaluates and writes the outputs. ``mrcnn.train``'s docstring describes what
+it guarantees (bit-exact resume, DDP = accumulation, the non-finite policy); ``mrcnn.train`` turns the command
+line into a ``TrainingSetup`` for it.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,25 +27,26 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .checkpoint import CheckpointError, atomic_save, rng_state, set_rng_state
 from .cli import Process, base_dataset, write_json, write_text
 from .config import MaskRCNNConfig
-from .data import collate_list
 from .evaluate import evaluate, format_metrics
+from .graphs import Captured, cuda_graphs_enabled
+from .step import (
+    LOSS_NAMES,
+    BadTargetError,
+    NonFiniteError,
+    NonFiniteGuard,
+    RefusedBatch,
+    StepLog,
+    StepParts,
+    TrainingCollate,
+    run_step,
+    to_device,
+)
+from .transform import collate
 
 __all__ = [
     "LOSS_NAMES", "BadTargetError", "NonFiniteError", "Schedule", "ShardSampler", "Trainer", "TrainingSetup",
     "build_optimizer", "plot_losses", "read_log", "shard_seed",
 ]  # fmt: skip
-
-LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or infinite loss or gradient; the message names the step."""
-
-
-class BadTargetError(ValueError):
-    """A training batch's ground truth that ``collate`` refused (its TypeError or ValueError, chained); the
-    message names the step, the batch's image ids, the target's position in the batch and the field."""
-
 
 # ----------------------------------------------------------------------------------------------
 # Data order, RNG, schedule, optimizer
@@ -121,17 +121,57 @@ class Schedule:
         return warm * 0.1 ** sum(s >= m for m in self.milestones)
 
 
+# Eager steps of a new input size before its CUDA graph is captured: the first launches (autotuning, lazy
+# initialisation of CUDA libraries) and the optimizer's state happen outside the graph.
+CAPTURE_WARMUP_STEPS = 2
+
+
 def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """``kind`` ``sgd`` (momentum 0.9) or ``adamw``; no weight decay on norm layers' and biases' parameters."""
+    """``kind`` ``sgd`` (momentum 0.9) or ``adamw``; no weight decay on norm layers' and biases' parameters.
+
+    Fused (one kernel over all parameters; AdamW's is -10 % of a CPU step of the shapes preset), because the
+    fused kernels take a ``found_inf`` flag (``mrcnn.step.NonFiniteGuard``) and a tensor learning rate: each
+    group's ``lr`` is a float32 scalar on the parameters' device that the scheduler fills and the step reads.
+    SGD's momentum buffers start as zeros (with no dampening ``0.9 * 0 + g`` is the first step's ``g``), so that a
+    skipped first step leaves no uninitialised buffer behind. On CUDA, AdamW is ``capturable`` (its step count
+    stays on the device), so that a CUDA graph can hold the update.
+    """
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.dim() <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if kind == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    # fused: one kernel over all parameters (-10 % of a CPU step of the shapes preset).
-    return torch.optim.AdamW(groups, lr=lr, fused=True)
+    device = next(model.parameters()).device
+    groups = [{"params": params, "weight_decay": wd, "lr": torch.tensor(lr, dtype=torch.float32, device=device)}
+              for params, wd in ((decay, weight_decay), (no_decay, 0.0))]  # fmt: skip
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, fused=True, capturable=device.type == "cuda")
+    optimizer = torch.optim.SGD(groups, momentum=0.9, fused=True)
+    for p in decay + no_decay:
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return optimizer
+
+
+def restore_optimizer_settings(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """``build_optimizer``'s settings again after ``optimizer.load_state_dict``, which keeps the checkpoint's
+    groups: the fused kernels (AdamW capturable on CUDA), and each group's ``lr`` and ``initial_lr`` as float32
+    scalars on ``device`` (a checkpoint holds them on the CPU, or as floats where an older version wrote it)."""
+    for group in optimizer.param_groups:
+        group["fused"] = True
+        if isinstance(optimizer, torch.optim.AdamW):
+            group["capturable"] = device.type == "cuda"
+        for key in ("lr", "initial_lr"):
+            if key in group:
+                group[key] = torch.as_tensor(group[key], dtype=torch.float32).to(device)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux's ``/proc/self/stat``; None elsewhere): a run's cold start,
+    the interpreter's start and imports included."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def _params_digest(model: nn.Module) -> str:
@@ -198,13 +238,6 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """``--amp``: ``off``, ``bf16`` or ``fp16``."""
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 @dataclasses.dataclass
 class TrainingSetup:
     """What the options make of a run (``mrcnn.train.prepare``); the ``Trainer`` takes it as it is.
@@ -227,7 +260,12 @@ class TrainingSetup:
 class Trainer:
     """One training process: model, data, optimizer and outputs from a ``TrainingSetup`` (and its checkpoint
     when resuming); ``run_training()`` trains to the end (or ``--stop-at``). ``args`` are the options of
-    ``mrcnn.train``, read and never modified."""
+    ``mrcnn.train``, read and never modified.
+
+    The steps themselves are ``mrcnn.step``'s (eager, or replayed from CUDA graphs: ``mrcnn.graphs``); the trainer
+    feeds them the workers' batches, reads their rows every ``--log-every`` steps (and after the first step,
+    before a checkpoint, an evaluation or the end) and writes what it read.
+    """
 
     def __init__(self, args: argparse.Namespace, process: Process, setup: TrainingSetup) -> None:
         self.t_start = time.perf_counter()
@@ -245,7 +283,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         if setup.checkpoint is not None:
             self._restore(setup.checkpoint, setup.checkpoint_path)
-        self.ddp, self.train_model = self._wrap()
+        self.ddp, train_model = self._wrap()
         self.sampler = ShardSampler(
             len(self.dataset), batch_size=args.batch_size, accum_steps=args.accum_steps,
             world_size=process.world_size, rank=process.rank, seed=args.seed, start_step=self.step,
@@ -257,11 +295,33 @@ class Trainer:
                 f"{self.step}'s {self.sampler.position(self.step)}: resume with the same --batch-size, --accum-steps, "
                 "world size and --seed"
             )
-        self.workers = args.workers if args.workers is not None else (4 if self.device.type == "cuda" else 1)
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_list,
-                                 num_workers=self.workers, pin_memory=self.device.type == "cuda")  # fmt: skip
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.float_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        cuda = self.device.type == "cuda"
+        self.workers = args.workers if args.workers is not None else (4 if cuda else 1)
+        self.log_every = args.log_every if args.log_every is not None else (20 if cuda else 1)
+        # The model class may collate its own way (bench/train_compare.py's torchvision model keeps lists).
+        collate_fn = TrainingCollate(self.config, getattr(type(self.model), "collate_batch", collate))
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_fn,
+                                 num_workers=self.workers, pin_memory=cuda)  # fmt: skip
+        self.parts = StepParts(
+            train_model=train_model, ddp=self.ddp, optimizer=self.optimizer, scaler=self.scaler,
+            guard=NonFiniteGuard(self.model, self.device),
+            params=[p for p in self.model.parameters() if p.requires_grad], amp=args.amp,
+            clip_grad=args.clip_grad, distributed=process.distributed, world_size=process.world_size,
+        )  # fmt: skip
+        self.graphs = self._captured_step()
+        self.step_log = StepLog(global_batch=self.sampler.global_batch, skip_nonfinite=args.skip_nonfinite,
+                                checkpoint=self.out / "checkpoint.pt", t_start=self.t_start)  # fmt: skip
+
+    def _captured_step(self) -> Captured | None:
+        """``run_step`` replayed from CUDA graphs when ``--cuda-graphs`` says so, and the evaluations' forward
+        too (``MaskRCNN.capture_inference``); else None."""
+        capture_inference = getattr(self.model, "capture_inference", None)
+        if not cuda_graphs_enabled(self.args.cuda_graphs, self.device, what="the training step",
+                                   distributed=self.process.distributed, static_model=capture_inference is not None):
+            return None  # fmt: skip
+        capture_inference()
+        return Captured(lambda inputs: run_step(self.parts, inputs), device=self.device, what="the training step",
+                        warmup=CAPTURE_WARMUP_STEPS, reset=self._forget_gradients, copy_outputs=True)  # fmt: skip
 
     def _restore(self, ckpt: dict[str, Any], path: Path | None) -> None:
         """The state of the checkpoint's step: weights, optimizer, scheduler, scaler, RNGs, and the log records
@@ -274,6 +334,9 @@ class Trainer:
             set_rng_state(ckpt["rng"])
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot restore the training state: {type(e).__name__}: {e}") from e
+        restore_optimizer_settings(self.optimizer, self.device)
+        self.scheduler.base_lrs = [torch.as_tensor(b, dtype=torch.float32).to(self.device)
+                                   for b in self.scheduler.base_lrs]  # fmt: skip
         # The schedule's shape follows this command line (so that --iters can extend a run), not the file.
         self.scheduler.lr_lambdas = [self.schedule for _ in self.optimizer.param_groups]
         self.step = ckpt["step"]
@@ -302,72 +365,41 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------------
 
-    def train_step(self, batches: Iterator[tuple[list, list]]) -> dict[str, Any]:
-        """Forward and backward over this step's micro-batches, then the update (or the non-finite policy).
-        Returns the step's record (losses averaged over micro-batches and ranks)."""
-        args, process, model, device = self.args, self.process, self.model, self.device
-        t0 = time.perf_counter()
-        model.train()
+    def host_batches(self, loader: Iterator[Any]) -> Iterator[Any]:
+        """The loader's batches (pinned on CUDA); a batch the workers refused raises its ``BadTargetError`` here,
+        naming the step that was to use it."""
+        for batch in loader:
+            if isinstance(batch, RefusedBatch):
+                batch.raise_for(self.step + 1)
+            yield batch
+
+    def _forget_gradients(self) -> None:
+        """Before a CUDA graph's capture (and after a failed one): no gradient tensors, so that the graph's backward
+        allocates its own, and no loss-scaling state of a half-done step."""
         self.optimizer.zero_grad(set_to_none=True)
-        saved_buffers = [b.clone() for b in self.float_buffers] if args.skip_nonfinite else None
-        sums = torch.zeros(len(LOSS_NAMES), device=device)
-        for a in range(args.accum_steps):
-            images, targets = next(batches)
-            torch.manual_seed(shard_seed(args.seed, self.step, process.rank * args.accum_steps + a))
-            try:
-                x, sizes, tgt = model.collate(images, targets)
-            except (TypeError, ValueError) as e:
-                # collate names the position in the batch; the dataset's image ids say which images those are.
-                ids = [int(t["image_id"]) if "image_id" in t else None for t in targets]
-                raise BadTargetError(f"step {self.step + 1}, batch of image_id {ids}: {e}") from e
-            last = a == args.accum_steps - 1
-            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
-                with _autocast(args.amp, device):
-                    losses = self.train_model(x, sizes, tgt)
-                stacked = torch.stack([losses[k].float() for k in LOSS_NAMES])
-                self.scaler.scale(stacked.sum() / args.accum_steps).backward()
-            sums += stacked.detach()
-        if args.amp == "fp16":
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.clip_grad if args.clip_grad > 0 else math.inf)
-        if process.distributed:
-            dist.all_reduce(sums)
-            sums /= process.world_size
-        # One host sync per step: the logged values and the finiteness decision (the same on every rank,
-        # since losses are all-reduced and gradients were averaged by DDP).
-        values = torch.cat([sums / args.accum_steps, grad_norm.reshape(1).float().to(device)]).tolist()
-        loss_values, gn = values[: len(LOSS_NAMES)], values[-1]
-        finite_loss = all(math.isfinite(v) for v in loss_values)
-        # fp16 loss scaling produces inf gradients by design: the scaler skips those steps itself.
-        skipped = not (finite_loss and (math.isfinite(gn) or args.amp == "fp16"))
-        if skipped:
-            what = "loss" if not finite_loss else "gradient norm"
-            detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_NAMES, loss_values, strict=True))
-            if not args.skip_nonfinite:
-                raise NonFiniteError(
-                    f"non-finite {what} at step {self.step + 1} ({detail}, grad_norm={gn:.4g}); the weights were "
-                    f"not updated and {self.out / 'checkpoint.pt'} is unchanged. Lower --lr, use --clip-grad, or "
-                    "pass --skip-nonfinite to skip such steps."
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                torch._foreach_copy_(self.float_buffers, saved_buffers)
-            print(f"step {self.step + 1}: non-finite {what} ({detail}); step skipped", file=sys.stderr, flush=True)
-            if args.amp == "fp16":
-                self.scaler.update()
+        if self.scaler.is_enabled():
+            self.scaler._per_optimizer_states.clear()
+
+    def train_step(self, batches: Iterator[Any]) -> None:
+        """One optimizer step over this step's micro-batches, queued on the device without reading anything
+        back (eagerly, or as a replay of its CUDA graph); its row waits in ``step_log``.
+
+        Eager steps seed the torch RNG before each micro-batch from ``(seed, step, shard)``. A captured step is
+        seeded once, from its first shard's seed, and its micro-batches draw one after the other: with
+        ``--accum-steps 1`` the same numbers, with more the sampling differs from an eager run's.
+        """
+        args, rank = self.args, self.process.rank
+        micro_batches = [next(batches) for _ in range(args.accum_steps)]
+        seeds = [shard_seed(args.seed, self.step, rank * args.accum_steps + a) for a in range(args.accum_steps)]
+        self.model.train()
+        if self.graphs is not None:
+            torch.manual_seed(seeds[0])
+            row = self.graphs(micro_batches)
         else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        lr = self.optimizer.param_groups[0]["lr"]
+            row = run_step(self.parts, [to_device(b, self.device) for b in micro_batches], seeds)
         self.scheduler.step()
         self.step += 1
-        dt = time.perf_counter() - t0
-        return {
-            "step": self.step, "epoch": self.sampler.position(self.step - 1)["epoch"], "lr": lr,
-            "loss": sum(loss_values), **dict(zip(LOSS_NAMES, loss_values, strict=True)), "grad_norm": gn,
-            "images_per_s": self.sampler.global_batch / dt, "step_time": dt,
-            "time": time.perf_counter() - self.t_start, "skipped": skipped,
-        }  # fmt: skip
+        self.step_log.add(self.step, self.sampler.position(self.step - 1)["epoch"], row)
 
     # -- evaluation and files -----------------------------------------------------------------------
 
@@ -428,6 +460,20 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
 
+    def _write_records(self, records: list[dict[str, Any]], log_file: Any, bar: Any) -> None:
+        """Rank 0 keeps the records read, writes those of log steps (and the last) and shows the latest."""
+        if not self.process.is_main:
+            return
+        for record in records:
+            self.records.append(record)
+            if record["step"] % self.log_every == 0 or record["step"] == self.sampler.iters:
+                log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        if bar is not None and records:
+            r = records[-1]
+            bar.set_postfix(loss=f"{r['loss']:.3f}", img_s=f"{r['images_per_s']:.1f}", lr=f"{r['lr']:.2e}",
+                            refresh=False)  # fmt: skip
+
     def run_training(self) -> dict[str, Any]:
         args, is_main, end = self.args, self.process.is_main, self.sampler.iters
         log_file, bar = None, None
@@ -440,23 +486,26 @@ class Trainer:
                 from tqdm import tqdm
 
                 bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        first_step_s = None
         try:
-            batches = iter(self.loader)
+            batches = self.host_batches(iter(self.loader))
             while self.step < end:
-                record = self.train_step(batches)
-                if is_main:
-                    self.records.append(record)
-                    if self.step % args.log_every == 0 or self.step == end:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.1f}",
-                                        lr=f"{record['lr']:.2e}", refresh=False)  # fmt: skip
-                        bar.update(1)
-                due = (args.eval_every and self.step % args.eval_every == 0) or self.step == args.iters
-                if due and not args.no_eval:
+                self.train_step(batches)
+                if bar is not None:
+                    bar.update(1)
+                if first_step_s is None:  # the cold start: read (the step has finished), then the clock
+                    self.step_log.read(lambda records: self._write_records(records, log_file, bar))
+                    first_step_s = process_age()
+                evaluate_now = not args.no_eval and (
+                    (args.eval_every and self.step % args.eval_every == 0) or self.step == args.iters
+                )
+                checkpoint_now = self.step % args.checkpoint_every == 0 or self.step == end
+                # The only host read of a step: a log step, and before what must not follow a non-finite step.
+                if self.step % self.log_every == 0 or evaluate_now or checkpoint_now:
+                    self.step_log.read(lambda records: self._write_records(records, log_file, bar))
+                if evaluate_now:
                     self.evaluate()
-                if self.step % args.checkpoint_every == 0 or self.step == end:
+                if checkpoint_now:
                     self.save_checkpoint()
         finally:
             if bar is not None:
@@ -469,6 +518,8 @@ class Trainer:
             self.check_replicas()
         wall = time.perf_counter() - self.t_start
         if is_main:
-            print(f"done: {self.step} steps, {wall:.0f} s -> {self.out}", flush=True)
+            cold = f" (first step done {first_step_s:.1f} s after the process started)" if first_step_s else ""
+            print(f"done: {self.step} steps, {wall:.0f} s{cold} -> {self.out}", flush=True)
         metrics = self.history[-1] if self.history and is_main else None
-        return {"out": str(self.out), "step": self.step, "metrics": metrics, "wall_time": wall}
+        return {"out": str(self.out), "step": self.step, "metrics": metrics, "wall_time": wall,
+                "first_step_s": first_step_s}  # fmt: skip

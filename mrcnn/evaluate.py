@@ -39,6 +39,7 @@ from .cli import (
 )
 from .convert import load_model
 from .data import coco_evaluate, coco_ground_truth, collate_list, to_coco_results
+from .graphs import cuda_graphs_enabled
 from .model import MaskRCNN
 
 __all__ = ["OUTPUT_FILES", "cli", "evaluate", "format_metrics", "main", "predict_dataset"]
@@ -149,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]] | Non
                               "earlier evaluation): pass --force to replace, or --out to write elsewhere")  # fmt: skip
     with Process(args.device) as process:
         model, _ = load_model(args.checkpoint, device=process.device)
+        if cuda_graphs_enabled(args.cuda_graphs, process.device, what="inference"):
+            model.capture_inference()
         dataset = build_eval_dataset(args, model.config.min_size)
         with use_backend(args.backend):
             out = evaluate(model, dataset, batch_size=args.batch_size, workers=args.workers, rank=process.rank,

@@ -9,6 +9,7 @@ import kernels
 
 from .backbone import build_backbone
 from .config import MaskRCNNConfig
+from .graphs import Captured
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
 from .structures import Detections, Targets
@@ -31,6 +32,18 @@ class MaskRCNN(nn.Module):
         self.backbone = build_backbone(self.config)
         self.rpn = RegionProposalNetwork(self.config, self.backbone.out_channels)
         self.roi_heads = RoIHeads(self.config, self.backbone.out_channels)
+        self._captured_inference: Captured | None = None
+
+    def capture_inference(self, enabled: bool = True) -> None:
+        """``predict`` on CUDA replays a CUDA graph of the eval forward, one per padded input size, captured
+        after one eager run of that size (``mrcnn.graphs.Captured``): the same detections as the eager forward
+        of the same padded batch, without the host's launches. Call it once the model is on its device; the
+        graphs read the parameters in place, so weights loaded or trained in place are seen."""
+        device = next(self.parameters()).device
+        self._captured_inference = (
+            Captured(lambda inputs: self(*inputs), device=device, what="inference", copy_outputs=True)
+            if enabled else None
+        )  # fmt: skip
 
     def collate(self, images: list[Tensor], targets: list[dict] | None = None) -> tuple[Tensor, Tensor, Targets | None]:
         """``mrcnn.collate`` with this model's config, on this model's device."""
@@ -77,7 +90,8 @@ class MaskRCNN(nn.Module):
         self.eval()
         try:
             batch, image_sizes, _ = self.collate(images)
-            det = self(batch, image_sizes)
+            captured = self._captured_inference
+            det = captured((batch, image_sizes)) if captured is not None and batch.is_cuda else self(batch, image_sizes)
         finally:
             self.train(was_training)
         results = []

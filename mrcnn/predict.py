@@ -35,6 +35,7 @@ from .cli import (
 )
 from .convert import load_model
 from .data import read_image, to_coco_results
+from .graphs import cuda_graphs_enabled
 from .visualize import draw_detections
 
 __all__ = ["cli", "image_file", "main", "output_names", "read_image"]
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     device = select_device(args.device)
     model, info = load_model(args.checkpoint, device=device)
+    if cuda_graphs_enabled(args.cuda_graphs, device, what="inference"):
+        model.capture_inference()
     classes = info.get("classes")
     label_to_cat = info.get("label_to_cat") or {k: k for k in range(1, model.config.num_classes)}
     results: list[dict[str, Any]] = []

@@ -30,11 +30,18 @@ draws differ. BatchNorm (trainable in the from-scratch presets) normalises per s
 its running statistics are rank 0's under DDP (``broadcast_buffers``), while accumulation updates them
 once per micro-batch.
 
-Non-finite values. A NaN/inf loss (or, without fp16 loss scaling, gradient) stops training with an error
-naming the step before the optimizer touches the weights; the last checkpoint stays as it was. Bad ground
-truth (a NaN box, a label out of range, ...) stops it earlier, in ``collate``, naming the step, the image
-and the field (``engine.BadTargetError``).
-``--skip-nonfinite`` skips such steps instead (no update, BatchNorm statistics restored) and logs them.
+No host in the loop. A step reads nothing back from the device: the DataLoader workers check and pad the batch
+(``collate``), the main process copies it to the device, and the step's losses, gradient norm and learning rate
+(a tensor the optimizer reads) stay on the device until the trainer reads them, every ``--log-every`` steps and
+before a checkpoint or an evaluation (``mrcnn.step``; tests/mrcnn/test_host_reads.py counts the reads).
+
+Non-finite values. A step whose loss (or, without fp16 loss scaling, gradient) is NaN/inf leaves the weights,
+the optimizer state and the BatchNorm buffers as they were, decided on the device (the fused optimizers'
+``found_inf``, as ``GradScaler`` skips a step). At the next read training stops with an error naming that step,
+before any checkpoint is written after it. Bad ground truth (a NaN box, a label out of range, ...) stops it
+earlier, when the step's batch arrives from ``collate``, naming the step, the image and the field
+(``engine.BadTargetError``). ``--skip-nonfinite`` goes on instead, printing a line for each such step at the
+read, and logs them ``skipped``.
 
 Compilation. ``torch.compile(model, fullgraph=True)`` of the training forward is on by default with CUDA
 only. On a 2-core CPU, inductor's first (cold-cache) compile of the shapes preset's training graph took
@@ -180,7 +187,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--no-eval", action="store_true", help="no evaluation at all")
     p.add_argument("--checkpoint-every", type=int, default=500, help="write checkpoint.pt every N steps and at the end")
-    p.add_argument("--log-every", type=int, default=1, help="write a log.jsonl line every N steps")
+    p.add_argument("--log-every", type=int, default=None,
+                   help="read the steps' losses back and write a log.jsonl line every N steps (default: 1 on CPU, "
+                   "20 on CUDA; the steps in between never wait for the device)")  # fmt: skip
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (default: --out/checkpoint.pt)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="weights, data order and sampling")
@@ -194,7 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     for name in ("iters", "batch_size", "accum_steps", "log_every", "checkpoint_every"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.data == "coco" and not (args.ann and args.images):
         p.error("--data coco needs --ann and --images (and --val-ann, --val-images to evaluate)")
@@ -325,12 +334,14 @@ def prepare(args: argparse.Namespace, process: Process,
 def main(
     argv: Sequence[str] | None = None, *, build_model: Callable[[MaskRCNNConfig], nn.Module] = MaskRCNN
 ) -> dict[str, Any]:
-    """Train as the command line ``argv`` says; returns ``{"out", "step", "metrics", "wall_time"}`` (rank 0's
-    metrics of the last evaluation, ``None`` elsewhere).
+    """Train as the command line ``argv`` says; returns ``{"out", "step", "metrics", "wall_time", "first_step_s"}``
+    (rank 0's metrics of the last evaluation, ``None`` elsewhere; the seconds from the process's start to the end
+    of its first step, ``None`` where ``/proc`` is missing).
 
     ``build_model(config)`` makes the model (``bench/train_compare.py`` passes torchvision's): a module with
-    ``config``, ``collate(images, targets)``, ``forward(*collated)`` returning the five losses in training
-    mode, and ``predict(images)`` in torchvision's output format.
+    ``config``, ``forward(*batch)`` returning the five losses in training mode for a ``batch`` of
+    ``mrcnn.collate(images, targets, config)`` (or of the class's own static ``collate_batch`` with that
+    signature, run on the CPU in the DataLoader workers), and ``predict(images)`` in torchvision's output format.
     """
     args = parse_args(argv)
     with Process(args.device) as process, use_backend(args.backend):

@@ -119,6 +119,22 @@ def test_resume_is_bit_exact(full_run: Path, tmp_path: Path) -> None:
     assert ma["history"] == mb["history"]
 
 
+def test_resume_from_a_checkpoint_with_float_learning_rates(full_run: Path, tmp_path: Path) -> None:
+    """An optimizer state with float learning rates and without the fused kernels (as older versions wrote it)
+    resumes with this version's settings: tensor learning rates the step reads, fused kernels."""
+    shutil.copytree(full_run, tmp_path, dirs_exist_ok=True)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["lr"], group["initial_lr"], group["fused"] = float(group["lr"]), float(group["initial_lr"]), None
+    ckpt["scheduler"]["base_lrs"] = [float(b) for b in ckpt["scheduler"]["base_lrs"]]
+    atomic_save(ckpt, tmp_path / "checkpoint.pt")
+    _train(tmp_path, "--iters", "5", "--no-eval", "--resume")
+    after = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert after["step"] == 5 and math.isfinite(_log(tmp_path)[-1]["loss"])
+    for group in after["optimizer"]["param_groups"]:
+        assert isinstance(group["lr"], torch.Tensor) and group["lr"].dtype == torch.float32 and group["fused"]
+
+
 class _Crash(Exception):
     pass
 
