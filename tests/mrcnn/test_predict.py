@@ -15,13 +15,7 @@ from mrcnn import predict, train
 from mrcnn.data import ShapesDataset
 from mrcnn.visualize import draw_detections, label_font_size, label_layout, palette
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prediction(h: int, w: int) -> dict[str, torch.Tensor]:
