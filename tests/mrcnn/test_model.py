@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torchvision
+from torch import Tensor
 from torchvision.models.detection import MaskRCNN as TVMaskRCNN
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -294,10 +295,30 @@ def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
 
 
+def _matched(ref: dict[str, Tensor], out: dict[str, Tensor], tie: float) -> tuple[Tensor, Tensor]:
+    """``(ref_index, out_index)`` of the detections both lists hold: ``out``'s detection of the same label with the
+    largest box IoU for each of ``ref``'s. Every reference detection must be matched except those scoring within
+    ``tie`` of the lowest kept score, which a near-tie may push out of the top-D (or reorder: pairs are matched, not
+    compared by position)."""
+    same_label = ref["labels"][:, None] == out["labels"][None, :]
+    iou = torch.where(same_label, box_iou(ref["boxes"], out["boxes"]), 0.0)
+    best_iou, best = iou.max(1)
+    cut = min(float(ref["scores"].min()), float(out["scores"].min()))
+    must = ref["scores"] > cut + tie
+    assert (best_iou[must] > 0.98).all(), best_iou[must].min()
+    keep = best_iou > 0.98
+    return torch.nonzero(keep)[:, 0], best[keep]
+
+
 @pytest.mark.parametrize("head, channels_last", [("v1", "off"), ("v2", "off"), ("v1", "on")])
 def test_inference_parity_with_torchvision(head: str, channels_last: str) -> None:
     """Same detections as torchvision's model at equal weights, on images of several sizes; also with our
-    backbone and FPN channels-last (torchvision's NCHW)."""
+    backbone and FPN channels-last (torchvision's NCHW).
+
+    NCHW computes what torchvision computes, so the lists agree position by position. Channels-last convolutions
+    sum in another order (~1e-5 relative in the scores, seen up to 1e-4 px in the boxes), enough to reorder
+    near-tied detections or swap the last ones in or out of the top 100: there detections are matched by label and
+    box IoU, and only those scoring 2e-3 above the lowest kept score must be present."""
     gen = torch.Generator().manual_seed(3)
     sizes = dict(min_size=128, max_size=192, box_score_thresh=0.05)
     if head == "v1":
@@ -318,11 +339,15 @@ def test_inference_parity_with_torchvision(head: str, channels_last: str) -> Non
     checked = 0
     for r, o in zip(ref, out, strict=True):
         assert len(r["boxes"]) == len(o["boxes"]) and len(r["boxes"]) > 0
-        assert torch.equal(r["labels"], o["labels"])
-        torch.testing.assert_close(o["scores"], r["scores"], rtol=0, atol=2e-3)
-        assert (box_iou(r["boxes"], o["boxes"]).diagonal() > 0.98).all()
+        if channels_last == "off":
+            assert torch.equal(r["labels"], o["labels"])
+            i = j = torch.arange(len(r["boxes"]))
+            assert (box_iou(r["boxes"], o["boxes"]).diagonal() > 0.98).all()
+        else:
+            i, j = _matched(r, o, tie=2e-3)
+        torch.testing.assert_close(o["scores"][j], r["scores"][i], rtol=0, atol=2e-3)
         assert o["masks"].shape == r["masks"].shape
-        ious = _mask_iou(r["masks"], o["masks"])
+        ious = _mask_iou(r["masks"][i], o["masks"][j])
         assert (ious > 0.95).float().mean() >= 0.95
         checked += len(ious)
     assert checked >= 10
