@@ -42,9 +42,10 @@ what torchvision takes: the NHWC kernels alone are kept. Not yet measured on a G
 times NCHW inputs (transposes included, provider ``ours``) and channels-last ones (``ours_channels_last``)
 against torchvision's NCHW kernel, for the next GPU session.
 
-Backward: atomic adds into zero-filled NHWC buffers, one per level, float32 for every feature dtype
-(float64 for float64), then one conversion pass per level to the gradient's dtype and the features' memory
-format (none at all for float32 channels-last features). In max mode each channel has its own winning
+Backward: atomic adds into zero-filled NHWC buffers, float32 for every feature dtype (float64 for float64),
+then one conversion pass per level to the gradient's dtype and the features' memory format: the levels share
+one buffer and one zero-fill launch. Float32 channels-last features need no conversion: their buffers, one
+per level, are the gradients. In max mode each channel has its own winning
 sample, so those atomics are scalar (still relaxed). Under ``torch.use_deterministic_algorithms`` a tile
 kernel instead owns a tile of the gradient and sums every RoI's contribution in a fixed order: the bilinear
 weights are separable, ``w(y, x) = wy(y) * wx(x)``, so a tile is ``sum_k sum_(i,j) Wy_k[i, :]^T g_k[i, j]
@@ -621,16 +622,26 @@ def backward_triton(
 
     Both kernels write NHWC buffers: the atomic one adds into zero-filled
     ``acc_dtype`` buffers (float32 for half dtypes, so that rounding happens once), the deterministic one
-    (``deterministic``) writes every element once in ``grad``'s dtype. One pass per level then converts a
-    buffer to the gradient's dtype and memory format (none when they already match).
+    (``deterministic``) writes every element once in ``grad``'s dtype. One pass per level then copies a
+    buffer into the gradient's dtype and memory format (none when they already match: the buffers are then
+    the gradients).
     """
     N, K, C = batch_size, rois.shape[0], grad.shape[1]
     PH, PW = pooled
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     buf_dtype = grad.dtype if deterministic else acc_dtype(grad.dtype)
     alloc = torch.empty if deterministic and K * C * N > 0 else torch.zeros
-    # NHWC buffers seen as [N, C, H, W]; one per level (outputs of an op may not share storage).
-    bufs = [alloc((N, h, w, C), dtype=buf_dtype, device=grad.device).permute(0, 3, 1, 2) for h, w in level_shapes]
+    converted = buf_dtype != grad.dtype or not channels_last
+    if converted:
+        # Copied out level by level: the levels share one buffer, zero-filled in one launch instead of one per
+        # level. Each level starts 16-byte aligned (its size rounded up to 4 elements), as the vector atomics need.
+        sizes = [-(-N * h * w * C // 4) * 4 for h, w in level_shapes]
+        parts = alloc(sum(sizes), dtype=buf_dtype, device=grad.device).split(sizes)
+        nhwc = [p[: N * h * w * C].view(N, h, w, C) for p, (h, w) in zip(parts, level_shapes, strict=True)]
+    else:
+        # The gradients themselves: a storage each (an op's outputs may not alias one another).
+        nhwc = [alloc((N, h, w, C), dtype=buf_dtype, device=grad.device) for h, w in level_shapes]
+    bufs = [b.permute(0, 3, 1, 2) for b in nhwc]  # seen as [N, C, H, W]
     if K * C * N > 0:
         grad_rows = grad.reshape(K, C, PH * PW)  # a view when its last two dims merge (contiguous, expanded)
         k_min, k_max = level_range(scales)
@@ -652,4 +663,7 @@ def backward_triton(
         else:
             grid = lambda m: (K, triton.cdiv(C, m["BLOCK_C"]))
             wrap_triton(_roi_align_bwd_kernel)[grid](*args, **meta)
-    return [b.to(dtype=grad.dtype, memory_format=fmt) for b in bufs]
+    if not converted:
+        return bufs
+    # Fresh tensors, not ``.to``, which returns a level's view itself when it already has the layout (C = 1).
+    return [torch.empty(b.shape, dtype=grad.dtype, device=b.device, memory_format=fmt).copy_(b) for b in bufs]

@@ -43,7 +43,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._backend import backend_for, triton_custom_op
+from ._backend import triton_custom_op
 from ._box_coder_kernels import decode_backward_triton, decode_triton, encode_triton
 from ._box_coder_torch import decode_backward_torch, decode_torch, encode_torch
 from ._contract import FLOAT_DTYPES, OpTypeError, OpValueError, acc_dtype, check_tensor
@@ -135,10 +135,12 @@ def _decode_boxes_op(
     min_size: float | None,
     scores: Tensor | None,
     score_thresh: float | None,
+    *,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``(boxes [R, K, 4], valid [R, K] bool, or [0] without min_size and scores)``; see ``decode_boxes``."""
     _validate_decode(deltas, boxes, weights, clip, image_sizes, min_size, scores, score_thresh)
-    impl = decode_triton if backend_for(deltas) == "triton" else decode_torch
+    impl = decode_triton if backend == "triton" else decode_torch
     return impl(deltas, boxes, _check_weights(weights), clip, image_sizes, min_size, scores, score_thresh)
 
 
@@ -156,9 +158,11 @@ def _decode_boxes_backward_op(
     weights: list[float],
     clip: float,
     image_sizes: Tensor | None,
+    *,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``decode_boxes`` w.r.t. ``(deltas [R, K*4], boxes [R, 4])``."""
-    impl = decode_backward_triton if backend_for(deltas) == "triton" else decode_backward_torch
+    impl = decode_backward_triton if backend == "triton" else decode_backward_torch
     return impl(grad, deltas, boxes, _check_weights(weights), clip, image_sizes)
 
 
@@ -192,10 +196,10 @@ def _encode_output(reference_boxes: Tensor, proposals: Tensor) -> Tensor:
 
 
 @triton_custom_op("encode_boxes", autocast="keep", traceable=True)
-def _encode_boxes_op(reference_boxes: Tensor, proposals: Tensor, weights: list[float]) -> Tensor:
+def _encode_boxes_op(reference_boxes: Tensor, proposals: Tensor, weights: list[float], *, backend: str) -> Tensor:
     """Regression targets ``[N, 4]`` of ``reference_boxes`` w.r.t. ``proposals``; see ``encode_boxes``."""
     _validate_encode(reference_boxes, proposals, weights)
-    impl = encode_triton if backend_for(reference_boxes) == "triton" else encode_torch
+    impl = encode_triton if backend == "triton" else encode_torch
     return impl(reference_boxes, proposals, _check_weights(weights))
 
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import backend_for, triton_custom_op
+from ._backend import triton_custom_op
 from ._contract import FLOAT_DTYPES, OpValueError, acc_dtype, check_sampling_ratio, check_tensor
 from ._mask_loss_kernels import backward_triton, forward_triton
 from ._mask_loss_torch import backward_torch, forward_torch
@@ -121,6 +121,8 @@ def _mask_loss_op(
     binarize: bool,
     aligned: bool,
     sampling_ratio: int,
+    *,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss [] logits' dtype, dlogits [R, M, M] acc, weight_sum [] acc)``; see the module docstring.
 
@@ -130,7 +132,7 @@ def _mask_loss_op(
     _validate(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_sizes)
     check_sampling_ratio(sampling_ratio)
     acc = acc_dtype(logits.dtype)
-    impl = forward_triton if backend_for(logits) == "triton" else forward_torch
+    impl = forward_triton if backend == "triton" else forward_torch
     loss_rows, weight_rows, dlogits = impl(
         logits, boxes, gt_masks, mask_sizes, image_idx, matched_idx, labels, weights,
         binarize, aligned, sampling_ratio, acc,
@@ -151,10 +153,17 @@ def _(logits, boxes, gt_masks, image_idx, matched_idx, labels, weights, mask_siz
 
 @triton_custom_op("mask_loss_backward", autocast="keep")
 def _mask_loss_backward_op(
-    grad_loss: Tensor, dlogits: Tensor, weight_sum: Tensor, labels: Tensor, num_classes: int, dtype: torch.dtype
+    grad_loss: Tensor,
+    dlogits: Tensor,
+    weight_sum: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    dtype: torch.dtype,
+    *,
+    backend: str,
 ) -> Tensor:
     """Gradient ``[R, num_classes, M, M]`` of ``mask_loss`` w.r.t. the logits, in ``dtype``."""
-    impl = backward_triton if backend_for(dlogits) == "triton" else backward_torch
+    impl = backward_triton if backend == "triton" else backward_torch
     return impl(grad_loss, dlogits, weight_sum, labels, num_classes, dtype, EPS)
 
 

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from ._backend import LINEAR_KERNEL_ANALYSIS, backend_for, triton_custom_op
+from ._backend import LINEAR_KERNEL_ANALYSIS, triton_custom_op
 from ._contract import FLOAT_DTYPES, OpValueError, acc_dtype, check_tensor
 from ._nms_kernels import forward_triton
 from ._nms_torch import forward_torch, forward_traced
@@ -129,14 +129,13 @@ def _validate_flat(boxes: Tensor, scores: Tensor, idxs: Tensor | None) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _nms_sorted(boxes, order, idxs, valid, iou_threshold, max_out):
+def _nms_sorted(boxes, order, idxs, valid, iou_threshold, max_out, backend):
     """Greedy NMS of rows already sorted by ``order [B, N]``: ``(keep [B, max_out], keep_valid, count [B])``."""
     B, N = order.shape
     if N == 0 or max_out == 0:
         keep = torch.zeros((B, max_out), dtype=torch.int64, device=boxes.device)
         return keep, keep.bool(), torch.zeros((B,), dtype=torch.int64, device=boxes.device)
     threshold = _effective_threshold(iou_threshold, boxes.dtype, boxes.device)
-    backend = backend_for(boxes)
     if backend == "torch" and is_fake(boxes):
         return forward_traced(boxes, order, idxs, valid, threshold, max_out)
     impl = forward_triton if backend == "triton" else forward_torch
@@ -154,11 +153,13 @@ def _nms_fixed_op(
     max_out: int,
     valid: Tensor | None,
     idxs: Tensor | None,
+    *,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``(keep [B, max_out] int64, keep_valid [B, max_out] bool)``; see ``nms_fixed``."""
     _validate_fixed(boxes, scores, max_out, valid, idxs)
     order = torch.sort(scores, dim=1, descending=True, stable=True)[1]
-    keep, keep_valid, _ = _nms_sorted(boxes, order, idxs, valid, iou_threshold, max_out)
+    keep, keep_valid, _ = _nms_sorted(boxes, order, idxs, valid, iou_threshold, max_out, backend)
     return keep, keep_valid
 
 
@@ -170,7 +171,7 @@ def _(boxes, scores, iou_threshold, max_out, valid, idxs):
 
 # Opaque on CUDA too: its output size is the data's, so no graph can trace into it.
 @triton_custom_op("nms", autocast="float32", inline_on_cuda=False)
-def _nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
+def _nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float, *, backend: str) -> Tensor:
     """Kept indices ``[M]`` int64 in decreasing score order; per class when ``idxs`` is given."""
     _validate_flat(boxes, scores, idxs)
     N = boxes.shape[0]
@@ -178,7 +179,7 @@ def _nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: f
         return boxes.new_empty((0,), dtype=torch.int64)
     order = torch.sort(scores, dim=0, descending=True, stable=True)[1]  # torchvision's sort
     keep, _, count = _nms_sorted(boxes[None], order[None], None if idxs is None else idxs[None], None,
-                                 iou_threshold, N)  # fmt: skip
+                                 iou_threshold, N, backend)  # fmt: skip
     # The one host read of nms/batched_nms (torchvision copies its whole mask to the host instead).
     return keep[0, : int(count[0])]
 

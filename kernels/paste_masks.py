@@ -51,7 +51,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import backend_for, triton_custom_op
+from ._backend import triton_custom_op
 from ._contract import FLOAT_DTYPES, OpValueError, check_tensor
 from ._paste_masks_kernels import forward_triton
 from ._paste_masks_torch import backward_torch, forward_torch
@@ -118,10 +118,12 @@ def _paste_masks_op(
     padding: int,
     threshold: float | None,
     valid: torch.Tensor | None,
+    *,
+    backend: str,
 ) -> torch.Tensor:
     # Checked here too for direct torch.ops.mrcnn.paste_masks calls: a wrong shape would read out of bounds.
     _validate(masks, boxes, (image_height, image_width), padding, threshold, valid)
-    impl = forward_triton if backend_for(masks) == "triton" else forward_torch
+    impl = forward_triton if backend == "triton" else forward_torch
     return impl(masks, boxes, image_height, image_width, padding, threshold, valid)
 
 

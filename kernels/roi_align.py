@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.jit.annotations import BroadcastingList2
 
-from ._backend import backend_for, triton_custom_op
+from ._backend import triton_custom_op
 from ._contract import (
     FLOAT_DTYPES,
     MAX_LEVELS,
@@ -147,12 +147,14 @@ def _multiscale_op(
     pool_mode: str,
     canonical_scale: float,
     canonical_level: float,
+    *,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``(output [K, C, PH, PW], argmax [K, C, PH, PW] int32 in max mode, else [0])``, each RoI pooled from its
     level (see ``multiscale_roi_align``)."""
     pooled, canonical = (pooled_height, pooled_width), (canonical_scale, canonical_level)
     _validate(features, rois, valid, scales, pooled, pool_mode, sampling_ratio, canonical)
-    impl = forward_triton if backend_for(features[0]) == "triton" else forward_torch
+    impl = forward_triton if backend == "triton" else forward_torch
     return impl(features, rois, valid, scales, pooled, sampling_ratio, aligned, pool_mode == "max", canonical)
 
 
@@ -184,12 +186,14 @@ def _multiscale_backward_op(
     batch_size: int,
     level_sizes: list[int],
     channels_last: bool,
+    *,
+    backend: str,
 ) -> list[Tensor]:
     """Gradients w.r.t. every level ``[batch_size, C, H_l, W_l]``; ``level_sizes`` is ``[H_0, W_0, H_1, ...]``."""
     shapes = list(zip(level_sizes[0::2], level_sizes[1::2], strict=True))
     args = (grad, rois, valid, argmax, shapes, batch_size, channels_last, scales, (pooled_height, pooled_width),
             sampling_ratio, aligned, pool_mode == "max", (canonical_scale, canonical_level))  # fmt: skip
-    if backend_for(grad) == "triton":
+    if backend == "triton":
         return backward_triton(*args, deterministic=torch.are_deterministic_algorithms_enabled())
     return backward_torch(*args)
 

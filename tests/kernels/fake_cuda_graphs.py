@@ -25,11 +25,15 @@ from triton.backends.compiler import GPUTarget
 
 import kernels
 import mrcnn
+from kernels import backend_for
+from tests.calls import counted_calls
 
 
-def graph_summary(fn: Callable[..., object], *args: object) -> dict[str, list[str]]:
-    """The Triton kernels and the ``mrcnn`` ops of ``fn(*args)`` traced as inductor traces it."""
-    gm = make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*args)
+def graph_summary(fn: Callable[..., object], *args: object) -> dict[str, list[str] | int]:
+    """The Triton kernels and the ``mrcnn`` ops of ``fn(*args)`` traced as inductor traces it, and how many times
+    the trace chose a backend (``kernels._backend.backend_for``)."""
+    with counted_calls(backend_for) as choices:
+        gm = make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*args)
     launched, ours = [], []
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -40,7 +44,7 @@ def graph_summary(fn: Callable[..., object], *args: object) -> dict[str, list[st
             launched.append(getattr(kernel, "fn", kernel).__name__)
         elif name.startswith("mrcnn."):
             ours.append(name)
-    return {"kernels": launched, "mrcnn_ops": ours}
+    return {"kernels": launched, "mrcnn_ops": ours, "backend_choices": len(choices)}
 
 
 def cases() -> dict[str, tuple[Callable[..., object], tuple]]:

@@ -15,8 +15,10 @@ import torch
 import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import use_backend
+from kernels._roi_align_kernels import backward_triton
 from kernels.roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
 from tests.kernels.roi_align_tiles import small_bin_steps
 from tests.reference import (
@@ -646,3 +648,42 @@ def test_cuda_deterministic_backward_bitwise(pool_mode: str) -> None:
     for level in range(4):
         assert all(torch.equal(runs[0][level], r[level]) for r in runs[1:])
         torch.testing.assert_close(runs[0][level], gs[level], **tol(torch.float32))
+
+
+class Fills(TorchDispatchMode):
+    """Counts zero-fills (each one launch on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
+        self.count += func._schema.name.split("::")[-1] in ("zeros", "zero_", "fill_", "new_zeros", "zeros_like")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "channels_last", "deterministic_", "fills"),
+    [(torch.bfloat16, True, False, 1), (torch.float32, False, False, 1), (torch.float32, True, False, 4),
+     (torch.float32, False, True, 0)],
+)  # fmt: skip
+def test_backward_zero_fills_once_for_all_levels(dtype: torch.dtype, channels_last: bool, deterministic_: bool,
+                                                 fills: int) -> None:  # fmt: skip
+    """The atomic backward zero-fills one buffer for every level when it copies the levels out of it (half
+    dtypes, NCHW features), else a buffer per level (they are the gradients); the deterministic one none. The
+    gradients never share storage (an op's outputs may not alias)."""
+    shapes, scales = [(16, 16), (8, 8), (4, 4), (2, 2)], [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    rois, valid = padded_rois(2, 6, 2, 64, 64, 4, 64)
+    grad = torch.randn(rois.shape[0], 3, 2, 2).to(dtype)
+    no_argmax = torch.empty(0, dtype=torch.int32)
+    with Fills() as calls:
+        gs = backward_triton(grad, rois, valid, no_argmax, shapes, 2, channels_last, scales, (2, 2), 2, False, False,
+                             (16.0, 4.0), deterministic_)  # fmt: skip
+    assert calls.count == fills
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert all(g.dtype == dtype and g.is_contiguous(memory_format=fmt) for g in gs)
+    assert len({g.untyped_storage().data_ptr() for g in gs}) == len(shapes)
+    features = [torch.zeros(2, 3, h, w) for h, w in shapes]
+    expected = multiscale_ref_backward(grad.double(), features, rois, 2, 2, scales, 2, valid=valid, canonical_scale=16)
+    for g, e in zip(gs, expected, strict=True):
+        torch.testing.assert_close(g.double(), e, **tol(dtype))

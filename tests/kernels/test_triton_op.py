@@ -57,12 +57,16 @@ def cuda_graphs() -> dict[str, dict]:
 @pytest.mark.parametrize("case", sorted(EXPECTED))
 def test_cuda_graph_launches_our_kernels(cuda_graphs: dict[str, dict], case: str) -> None:
     """Traced over CUDA tensors, each op leaves its Triton launches and no ``mrcnn`` op in the graph. Inductor's
-    analysis of each kernel (which tensors it writes) ran for sm_90 and finished (the script's timeout)."""
+    analysis of each kernel (which tensors it writes) ran for sm_90 and finished (the script's timeout). The call
+    chose its backend once."""
     if case in OPAQUE_ON_CUDA:
-        assert cuda_graphs[case] == {"case": case, "kernels": [], "mrcnn_ops": [f"mrcnn.{case}_opaque.default"]}
+        assert cuda_graphs[case] == {"case": case, "kernels": [], "mrcnn_ops": [f"mrcnn.{case}_opaque.default"],
+                                     "backend_choices": 0}  # fmt: skip
         return
     assert cuda_graphs[case]["mrcnn_ops"] == []
     assert cuda_graphs[case]["kernels"] == EXPECTED[case]
+    # The one op call chose its backend once (an eager CUDA call runs the same code).
+    assert cuda_graphs[case]["backend_choices"] == 1
 
 
 def test_cuda_model_graph_has_only_kernels(cuda_graphs: dict[str, dict]) -> None:
