@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,39 +23,27 @@ from torch.utils.data import Dataset, Subset
 
 import kernels
 
+from ._cpu_env import CPU_ENV, missing_cpu_env
 from .data import build_dataset
 
 __all__ = [
     "CPU_ENV", "USER_ERRORS", "ArgumentParser", "Process", "add_data_args", "add_device_args", "base_dataset",
     "build_eval_dataset", "device_name", "existing_dir", "existing_file", "non_negative_int", "output_folder",
-    "positive_int", "reexec_for_cpu", "run_cli", "select_device", "use_backend", "write_json", "write_text",
+    "positive_int", "process_age", "reexec_for_cpu", "run_cli", "select_device", "use_backend", "write_json",
+    "write_text",
 ]  # fmt: skip
 
-# Set for CPU runs by ``reexec_for_cpu`` where the user has not set them. Measured on a 2-core machine, one
-# training step of the shapes preset with 2 threads:
-#   idle machine:              default 0.37 s, GOMP_SPINCOUNT=10000 0.38 s, OMP_WAIT_POLICY=PASSIVE 0.52 s
-#   3 busy processes beside:   default 3.3 s,  GOMP_SPINCOUNT=10000 1.4 s,  OMP_WAIT_POLICY=PASSIVE 1.2 s
-# GNU OpenMP's threads spin ~300,000 times before they sleep; on a shared CPU the spinning thread holds
-# the core its sibling needs. A short spin keeps the idle speed and most of the loaded one. MKL's GEMMs
-# otherwise differ in the last bit between processes (memory alignment), which would break bit-exact
-# --resume; strict conditional numerical reproducibility costs nothing measurable here. (Not glibc's
-# MALLOC_TRIM_THRESHOLD_: setting it freezes malloc's mmap threshold at 128 KiB, and page faults then
-# doubled the step time.)
-CPU_ENV = {"GOMP_SPINCOUNT": "10000", "MKL_CBWR": "AUTO,STRICT"}
 
 
 def reexec_for_cpu(module: str) -> None:
-    """Re-run this command (``python -m module``) with the ``CPU_ENV`` variables the user has not set (no
-    ``GOMP_SPINCOUNT`` when ``OMP_WAIT_POLICY`` is set), when there is no GPU.
-
-    They are read when the OpenMP runtime and MKL start, i.e. before ``import torch``: hence the
-    restart (``os.execv`` keeps the pid, so torchrun still tracks the process).
+    """Re-run this command (``python -m module``) with the ``CPU_ENV`` variables the user has not set, when
+    torch sees no GPU: the net behind ``mrcnn._cpu_env.restart_before_torch``, which restarts ``python -m
+    mrcnn.<command>`` before torch is imported (the variables are read when OpenMP and MKL start). ``os.execv``
+    keeps the pid, so torchrun still tracks the process.
     """
     if torch.cuda.is_available():
         return
-    missing = {k: v for k, v in CPU_ENV.items() if k not in os.environ}
-    if "OMP_WAIT_POLICY" in os.environ:
-        missing.pop("GOMP_SPINCOUNT", None)
+    missing = missing_cpu_env()
     if not missing:
         return
     os.environ.update(missing)
@@ -301,6 +290,16 @@ def write_text(text: str, path: str | os.PathLike) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux's ``/proc/self/stat``; None elsewhere): a run's cold start,
+    the interpreter's start and imports included."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import CheckpointError, atomic_save, rng_state, set_rng_state
-from .cli import Process, base_dataset, write_json, write_text
+from .cli import Process, base_dataset, process_age, write_json, write_text
 from .config import MaskRCNNConfig
 from .evaluate import evaluate, format_metrics
 from .graphs import Captured, cuda_graphs_enabled
@@ -162,16 +162,6 @@ def restore_optimizer_settings(optimizer: torch.optim.Optimizer, device: torch.d
         for key in ("lr", "initial_lr"):
             if key in group:
                 group[key] = torch.as_tensor(group[key], dtype=torch.float32).to(device)
-
-
-def process_age() -> float | None:
-    """Seconds since this process started (Linux's ``/proc/self/stat``; None elsewhere): a run's cold start,
-    the interpreter's start and imports included."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
 
 
 def _params_digest(model: nn.Module) -> str:

@@ -249,6 +249,8 @@ def test_every_op_call_chooses_its_backend_once(name: str) -> None:
     """One ``backend_for`` per op call, forward and backward (it is host time on every eager call; the CUDA
     path is counted in ``tests/kernels/test_triton_op.py``)."""
     call = CASES[name]("cpu")
-    with OpCalls() as ops, counted_calls(backend_for) as choices:
+    # The torch path: the same routing as the interpreted kernels' (the opaque op), without the profile hook
+    # slowing the interpreter (6-7 s a case).
+    with use_backend("torch"), OpCalls() as ops, counted_calls(backend_for) as choices:
         call()
     assert ops.count > 0 and len(choices) == ops.count

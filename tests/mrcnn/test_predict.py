@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,8 @@ def checkpoint(tmp_path_factory) -> Path:
     return out / "checkpoint.pt"
 
 
-def test_predict_cli_draws_masks_on_images_of_any_size(checkpoint: Path, tmp_path: Path) -> None:
+def test_predict_cli_draws_masks_on_images_of_any_size(checkpoint: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     shapes = ShapesDataset("val", 2, image_size=((50, 90), (40, 120)), seed=3)
     paths = []
     for i in range(2):
@@ -125,6 +127,9 @@ def test_predict_cli_draws_masks_on_images_of_any_size(checkpoint: Path, tmp_pat
     ])  # fmt: skip
     written = json.loads((out / "results.json").read_text())
     assert written == results and results
+    # The cold start, from the process's start (this one: pytest's) to the first batch's detections.
+    first_s = re.search(r"; first detections (\d+\.\d) s after the process started$", capsys.readouterr().out, re.M)
+    assert first_s and float(first_s[1]) > 0
     records = json.loads((out / "images.json").read_text())
     assert [r["file_name"] for r in records] == list(map(str, paths))
     for i, path in enumerate(paths):
