@@ -153,5 +153,5 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    reexec_for_cpu("bench.train_compare")  # the same CPU environment as python -m mrcnn.train
+    reexec_for_cpu()  # the same CPU environment as python -m mrcnn.train
     main(sys.argv[1:])

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 
 import kernels
 
-from ._cpu_env import CPU_ENV, missing_cpu_env
+from ._cpu_env import CPU_ENV, restart_with_cpu_env
 from .data import build_dataset
 
 __all__ = [
@@ -35,19 +35,13 @@ __all__ = [
 
 
 
-def reexec_for_cpu(module: str) -> None:
-    """Re-run this command (``python -m module``) with the ``CPU_ENV`` variables the user has not set, when
-    torch sees no GPU: the net behind ``mrcnn._cpu_env.restart_before_torch``, which restarts ``python -m
-    mrcnn.<command>`` before torch is imported (the variables are read when OpenMP and MKL start). ``os.execv``
-    keeps the pid, so torchrun still tracks the process.
-    """
-    if torch.cuda.is_available():
-        return
-    missing = missing_cpu_env()
-    if not missing:
-        return
-    os.environ.update(missing)
-    os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
+def reexec_for_cpu() -> None:
+    """Re-run this command with the ``CPU_ENV`` variables the user has not set, when torch sees no GPU
+    (``mrcnn._cpu_env.restart_with_cpu_env``): the net behind ``mrcnn._cpu_env.restart_before_torch``, which
+    restarts ``python -m mrcnn.<command>`` before torch is imported (the variables are read when OpenMP and MKL
+    start)."""
+    if not torch.cuda.is_available():
+        restart_with_cpu_env()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,9 +65,9 @@ def _one_line(error: BaseException) -> str:
     return " ".join(lines) or type(error).__name__
 
 
-def run_cli(module: str, main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
             errors: tuple[type[BaseException], ...] = ()) -> None:  # fmt: skip
-    """The console entry point of ``python -m module``: ``main(argv)``, with a user's mistake (``USER_ERRORS``,
+    """The console entry point of a command: ``main(argv)``, with a user's mistake (``USER_ERRORS``,
     plus ``errors``) printed to stderr as one ``error: ...`` line and exit status 1. Usage errors are
     argparse's (``prog: error: ...``, status 2).
 
@@ -81,7 +75,7 @@ def run_cli(module: str, main: Callable[[Sequence[str] | None], object], argv: S
     ``CPU_ENV`` (``reexec_for_cpu``). Tests pass ``argv`` and run in-process.
     """
     if argv is None:
-        reexec_for_cpu(module)
+        reexec_for_cpu()
     try:
         main(argv)
     except (*USER_ERRORS, *errors) as e:

@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]] | Non
 
 def cli(argv: Sequence[str] | None = None) -> None:
     """Console entry point: a user's mistake is one ``error:`` line and exit status 1 (``mrcnn.cli.run_cli``)."""
-    run_cli("mrcnn.evaluate", main, argv)
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 def cli(argv: Sequence[str] | None = None) -> None:
     """Console entry point: a user's mistake is one ``error:`` line and exit status 1 (``mrcnn.cli.run_cli``)."""
-    run_cli("mrcnn.predict", main, argv)
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

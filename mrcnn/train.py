@@ -351,7 +351,7 @@ def main(
 def cli(argv: Sequence[str] | None = None) -> None:
     """Console entry point: a user's mistake (``mrcnn.cli.run_cli``) or a non-finite step is one ``error:`` line
     and exit status 1."""
-    run_cli("mrcnn.train", main, argv, errors=(NonFiniteError,))
+    run_cli(main, argv, errors=(NonFiniteError,))
 
 
 if __name__ == "__main__":

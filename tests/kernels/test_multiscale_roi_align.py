@@ -15,11 +15,11 @@ import torch
 import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import use_backend
 from kernels._roi_align_kernels import backward_triton
 from kernels.roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
+from tests.calls import CountedOps
 from tests.kernels.roi_align_tiles import small_bin_steps
 from tests.reference import (
     boxes_to_rois,
@@ -650,16 +650,8 @@ def test_cuda_deterministic_backward_bitwise(pool_mode: str) -> None:
         torch.testing.assert_close(runs[0][level], gs[level], **tol(torch.float32))
 
 
-class Fills(TorchDispatchMode):
-    """Counts zero-fills (each one launch on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
-        self.count += func._schema.name.split("::")[-1] in ("zeros", "zero_", "fill_", "new_zeros", "zeros_like")
-        return func(*args, **(kwargs or {}))
+# The ops that zero-fill a tensor (each one launch on a GPU).
+FILLS = ("zeros", "zero_", "fill_", "new_zeros", "zeros_like")
 
 
 @pytest.mark.parametrize(
@@ -676,7 +668,7 @@ def test_backward_zero_fills_once_for_all_levels(dtype: torch.dtype, channels_la
     rois, valid = padded_rois(2, 6, 2, 64, 64, 4, 64)
     grad = torch.randn(rois.shape[0], 3, 2, 2).to(dtype)
     no_argmax = torch.empty(0, dtype=torch.int32)
-    with Fills() as calls:
+    with CountedOps(lambda op: op._schema.name.split("::")[-1] in FILLS) as calls:
         gs = backward_triton(grad, rois, valid, no_argmax, shapes, 2, channels_last, scales, (2, 2), 2, False, False,
                              (16.0, 4.0), deterministic_)  # fmt: skip
     assert calls.count == fills

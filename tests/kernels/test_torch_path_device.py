@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import (
     BoxCoder,
@@ -37,7 +36,7 @@ from kernels import (
     roi_align,
     use_backend,
 )
-from tests.calls import counted_calls
+from tests.calls import CountedOps, counted_calls
 from tests.tolerances import tol
 
 Case = Callable[[str], Callable[[], list[Tensor]]]
@@ -232,18 +231,6 @@ def test_cuda_torch_path_matches_triton(name: str) -> None:
         torch.testing.assert_close(g, e, **({"rtol": 0, "atol": 0} if exact else tol(torch.float32)))
 
 
-class OpCalls(TorchDispatchMode):
-    """Counts the calls of our ops (the mode sees the outer call; what runs inside it runs with the mode off)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
-        self.count += func.namespace == "mrcnn"
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_every_op_call_chooses_its_backend_once(name: str) -> None:
     """One ``backend_for`` per op call, forward and backward (it is host time on every eager call; the CUDA
@@ -251,6 +238,7 @@ def test_every_op_call_chooses_its_backend_once(name: str) -> None:
     call = CASES[name]("cpu")
     # The torch path: the same routing as the interpreted kernels' (the opaque op), without the profile hook
     # slowing the interpreter (6-7 s a case).
-    with use_backend("torch"), OpCalls() as ops, counted_calls(backend_for) as choices:
+    ops = CountedOps(lambda op: op.namespace == "mrcnn")
+    with use_backend("torch"), ops, counted_calls(backend_for) as choices:
         call()
     assert ops.count > 0 and len(choices) == ops.count

@@ -235,5 +235,5 @@ def test_errors_from_dataloader_workers_are_one_line(capsys: pytest.CaptureFixtu
             '  File "x.py", line 1, in f\nValueError: cannot decode image a.png: broken'
         )
 
-    line = _fails(lambda argv: run_cli("mrcnn.train", main, argv), [], capsys, 1)
+    line = _fails(lambda argv: run_cli(main, argv), [], capsys, 1)
     assert line == "error: cannot decode image a.png: broken"

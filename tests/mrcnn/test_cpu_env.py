@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mrcnn import _cpu_env
 from mrcnn._cpu_env import CPU_ENV, command_module, restart_before_torch
+from mrcnn.cli import reexec_for_cpu
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,3 +92,16 @@ def test_torch_is_imported_once() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(re.findall(r"^import time: .*\|\s+torch$", done.stderr, re.M)) == 1
     assert len(re.findall(r"^import time: .*\|\s+mrcnn\._cpu_env$", done.stderr, re.M)) in (1, 2)
+
+
+def test_the_net_after_the_imports_restarts_a_console_script_as_it_was_run(
+    restart: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mrcnn.cli.reexec_for_cpu`` (torch imported, no GPU): a console script restarts as the same script."""
+    monkeypatch.setattr(sys, "orig_argv", ["/usr/bin/python3", "/usr/local/bin/mrcnn-train", "--iters", "1"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reexec_for_cpu()
+    assert restart == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reexec_for_cpu()
+    assert restart == [[sys.executable, sys.executable, "/usr/local/bin/mrcnn-train", "--iters", "1"]]
